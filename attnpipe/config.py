@@ -1,0 +1,157 @@
+"""Typed configuration: defaults <- YAML file <- ``--set key=value`` overrides, validated.
+
+Each component owns a frozen dataclass of its settings; :class:`Config` composes them. Unknown keys and bad
+values fail fast with a message naming the key and what is allowed, before any Ray work starts.
+
+Example::
+
+    cfg = load_config("configs/local.yaml", ["model.backbone=resnet50", "encode.batch_size=64"])
+    cfg.model.backbone  # 'resnet50'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message says what to fix."""
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+WEIGHTS_KEYWORDS = ("none", "default")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet18"
+    pooling: str = "attn"
+    weights: str = "none"  # none | default (torchvision's pretrained, from the local TORCH_HOME cache) | a file path
+    seed: int = 0  # init of random backbone weights and learned heads; identical in every actor
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    image_size: int = 224
+    max_pixels: int = 64_000_000  # decompression-bomb guard: images declaring more pixels become error rows
+    max_bytes: int = 64 * 1024 * 1024  # larger encoded members become error rows, unread
+    read_chunk: int = 512  # images per read task for image folders
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    batch_size: int = 64
+    num_encoders: int = 0  # 0 = one per GPU, else one CPU actor
+    precision: str = "auto"  # auto = bf16 on GPU and on CPUs with native bf16, else fp32
+    decode_batch_size: int = 64
+    threads: int = 0  # torch threads in a CPU encoder; 0 = all cores of its node
+    rows_per_file: int = 50_000  # target rows per Parquet part
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated :class:`Config` from defaults, an optional YAML file and ``key=value`` overrides.
+
+    Raises:
+        ConfigError: the file is missing or not a mapping, a key is unknown, or a value is invalid.
+    """
+    raw: dict[str, Any] = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set expects section.key=value (e.g. model.backbone=resnet50), got {item!r}")
+        section, _, name = key.strip().partition(".")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"section {section!r} must be a mapping")
+        raw[section][name] = yaml.safe_load(value) if value.strip() else ""
+    cfg = from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Config from a nested mapping; unknown sections or keys raise :class:`ConfigError` listing the allowed ones."""
+    sections = {f.name: f.type for f in fields(Config)}
+    kwargs = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section {section!r}; allowed: {sorted(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+        cls = {"model": ModelConfig, "data": DataConfig, "encode": EncodeConfig}[section]
+        kwargs[section] = _build_section(cls, section, values)
+    return Config(**kwargs)
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any]) -> Any:
+    allowed = {f.name: f for f in fields(cls)}
+    out = {}
+    for key, value in values.items():
+        if key not in allowed:
+            raise ConfigError(f"unknown key {section}.{key}; allowed in {section}: {sorted(allowed)}")
+        expected = type(allowed[key].default)
+        if expected is int and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ConfigError(f"{section}.{key} must be an integer, got {value!r}")
+        if expected is str:
+            value = "none" if value is None else str(value)
+        out[key] = value
+    return cls(**out)
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone cannot; imports torchvision lazily for the backbone/pooling registries."""
+    from attnpipe.models.backbones import list_backbones
+    from attnpipe.models.pooling import list_poolings
+
+    m, d, e = cfg.model, cfg.data, cfg.encode
+    backbones = list_backbones()
+    if m.backbone not in backbones:
+        raise ConfigError(
+            f"model.backbone={m.backbone!r} is not a supported torchvision backbone; allowed: {', '.join(backbones)}"
+        )
+    if m.pooling not in list_poolings():
+        raise ConfigError(f"model.pooling={m.pooling!r} is unknown; allowed: {', '.join(list_poolings())}")
+    if m.weights not in WEIGHTS_KEYWORDS and not os.path.isfile(m.weights):
+        raise ConfigError(
+            f"model.weights={m.weights!r} is neither 'none', 'default' nor an existing file "
+            "(.safetensors or a torch state dict)"
+        )
+    if e.precision not in PRECISIONS:
+        raise ConfigError(f"encode.precision={e.precision!r}; allowed: {', '.join(PRECISIONS)}")
+    _positive("data.image_size", d.image_size, minimum=32)
+    _positive("data.max_pixels", d.max_pixels)
+    _positive("data.max_bytes", d.max_bytes)
+    _positive("data.read_chunk", d.read_chunk)
+    _positive("encode.batch_size", e.batch_size)
+    _positive("encode.decode_batch_size", e.decode_batch_size)
+    _positive("encode.rows_per_file", e.rows_per_file)
+    _positive("encode.num_encoders", e.num_encoders, minimum=0)
+    _positive("encode.threads", e.threads, minimum=0)
+
+
+def _positive(name: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")

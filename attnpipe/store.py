@@ -1,0 +1,143 @@
+"""Embeddings on disk: Parquet schema v1, atomic publish, and readers.
+
+A dataset is a directory of ``part-<shard>-*.parquet`` files plus ``_manifest.json`` (input shards with their
+fingerprints and the parts each produced) and ``_config.yaml`` (the resolved config). It is built in a staging
+directory beside the target and moved into place by one rename; a directory without ``_manifest.json`` is never
+read as a dataset.
+
+Example::
+
+    table = read_embeddings("out/emb")                 # pyarrow Table, ok and error rows
+    ids, X = load_vectors("out/emb")                   # ok rows only: list[str], float32 (n, D)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = "1"
+MANIFEST = "_manifest.json"
+CONFIG_FILE = "_config.yaml"
+
+
+def schema(dim: int, positions: int, metadata: dict[str, str] | None = None) -> pa.Schema:
+    """Parquet schema v1 (see README): one row per input image, ok or not."""
+    fields = [
+        ("id", pa.string()),
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("label", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("embedding", pa.list_(pa.float32(), dim)),
+        ("attention", pa.list_(pa.float16(), positions)),
+        ("attn_h", pa.int16()),
+        ("attn_w", pa.int16()),
+        ("attn_entropy", pa.float32()),
+        ("attn_peak", pa.float32()),
+        ("attn_top10_mass", pa.float32()),
+        ("box", pa.list_(pa.float32(), 4)),  # v1 extension: object box [x0, y0, x1, y1] normalized, when known
+    ]
+    meta = {"attnpipe.schema_version": SCHEMA_VERSION, **(metadata or {})}
+    return pa.schema(fields, metadata={k: str(v) for k, v in meta.items()})
+
+
+def fixed_list(values: np.ndarray, valid: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """``(n, k)`` array -> ``fixed_size_list`` array, null where ``valid`` is False (no copy of the values)."""
+    n, k = values.shape
+    flat = pa.array(values.reshape(-1), type=type_.value_type)
+    mask = pa.array(~valid) if not valid.all() else None
+    return pa.FixedSizeListArray.from_arrays(flat, k, mask=mask)
+
+
+def staging_dir(out: str) -> str:
+    """A fresh directory beside ``out`` (same filesystem, so publishing is one rename)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.staging-{uuid.uuid4().hex[:8]}")
+    os.makedirs(path)
+    return path
+
+
+def publish(staging: str, out: str, overwrite: bool = False) -> None:
+    """Move a complete staging directory to ``out`` atomically; an existing ``out`` is swapped out, then removed."""
+    out = os.path.abspath(out)
+    old = None
+    if os.path.exists(out):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+        old = f"{os.path.dirname(out)}/.{os.path.basename(out)}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(staging, out)
+    _fsync_dir(os.path.dirname(out))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write JSON to a temporary name, fsync, and rename into place."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str) -> dict:
+    """The ``_manifest.json`` of an embeddings dataset.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a published attnpipe embeddings dataset.
+    """
+    file = os.path.join(path, MANIFEST)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"{path} is not an attnpipe embeddings dataset (no {MANIFEST}); run `attnpipe encode --out {path}` first"
+        )
+    with open(file) as f:
+        return json.load(f)
+
+
+def read_embeddings(path: str, columns: list[str] | None = None, filter=None) -> pa.Table:
+    """All rows of a published dataset (parts listed in the manifest only)."""
+    manifest = read_manifest(path)
+    files = [os.path.join(path, p) for s in manifest["shards"] for p in s["parts"]]
+    if not files:
+        return pa.table({c: [] for c in (columns or ["id"])})
+    return pads.dataset(files, format="parquet").to_table(columns=columns, filter=filter)
+
+
+def load_vectors(path: str) -> tuple[list[str], np.ndarray]:
+    """Ids and embeddings ``(n, D)`` float32 of the ok rows."""
+    table = read_embeddings(path, ["id", "embedding"], filter=pads.field("status") == "ok")
+    emb = table.column("embedding").combine_chunks()
+    dim = emb.type.list_size
+    return table.column("id").to_pylist(), emb.flatten().to_numpy().reshape(-1, dim)
+
+
+def dataset_metadata(path: str) -> dict[str, str]:
+    """File-level metadata (schema version, model, pooling, ...) of the first part."""
+    manifest = read_manifest(path)
+    parts = [p for s in manifest["shards"] for p in s["parts"]]
+    if not parts:
+        return {}
+    meta = pq.read_schema(os.path.join(path, parts[0])).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items()}
