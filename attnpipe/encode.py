@@ -72,7 +72,7 @@ class EncodeActor:
                 stats[k][ok] = out[k]
         box = np.stack(batch["box"]).astype(np.float32).reshape(n, 4)  # NaN rows: no box
         cols = {
-            **{c: pa.array(list(batch[c]), pa.string()) for c in ("id", "shard", "key", "label", "status", "error")},
+            **{c: _strings(batch[c]) for c in ("id", "shard", "key", "label", "status", "error")},
             "embedding": store.fixed_list(emb, ok, self.schema.field("embedding").type),
             "attention": store.fixed_list(attn, ok, self.schema.field("attention").type),
             "attn_h": pa.array(np.where(ok, self.h, 0).astype(np.int16)),
@@ -83,12 +83,18 @@ class EncodeActor:
         return pa.table(cols, schema=self.schema)
 
 
+def _strings(values: np.ndarray) -> pa.Array:
+    """A string column from a numpy batch; an all-null column arrives as float NaNs (Arrow null type)."""
+    return pa.array([v if isinstance(v, str) else None for v in values], pa.string())
+
+
 class PartsDatasink(Datasink):
     """Writes each block's rows grouped by shard into ``part-<shard>-<uuid>.parquet`` files in the staging dir."""
 
-    def __init__(self, staging: str, rows_per_file: int):
+    def __init__(self, staging: str, rows_per_file: int, crash_after_parts: int | None = None):
         self.staging = staging
         self.rows_per_file = rows_per_file
+        self.crash_after_parts = crash_after_parts  # test hook: fail a write task after this many parts
         self.parts: list[dict] = []
 
     @property
@@ -107,13 +113,16 @@ class PartsDatasink(Datasink):
             pq.write_table(rows, os.path.join(self.staging, name), compression="zstd")
             ok = pc.sum(pc.equal(rows.column("status"), "ok")).as_py() or 0
             written.append({"shard": shard, "file": name, "rows": rows.num_rows, "ok": ok})
+            if self.crash_after_parts is not None and len(written) >= self.crash_after_parts:
+                raise RuntimeError(f"injected failure after {len(written)} parts (test hook)")
         return written
 
     def on_write_complete(self, write_result) -> None:
         self.parts = [p for ret in write_result.write_returns for p in (ret or [])]
 
 
-def encode(inputs: list[str], out: str, cfg: Config, overwrite: bool = False, ray_address: str | None = None) -> dict:
+def encode(inputs: list[str], out: str, cfg: Config, overwrite: bool = False, ray_address: str | None = None,
+           _crash_after_parts: int | None = None) -> dict:
     """Encode every image of ``inputs`` into an embeddings dataset at ``out``; returns the run summary.
 
     Raises:
@@ -127,7 +136,7 @@ def encode(inputs: list[str], out: str, cfg: Config, overwrite: bool = False, ra
     init_ray(ray_address)
     staging = store.staging_dir(out)
     try:
-        sink = PartsDatasink(staging, cfg.encode.rows_per_file)
+        sink = PartsDatasink(staging, cfg.encode.rows_per_file, _crash_after_parts)
         build_dataset(shards, cfg).write_datasink(sink)
         manifest = _manifest(shards, sink.parts, cfg)
         with open(os.path.join(staging, store.CONFIG_FILE), "w") as f:

@@ -139,11 +139,26 @@ def _read_tar(unit: dict, max_bytes: int) -> Iterator[dict]:
                     groups[key] = {}
                     order.append(key)
                 groups[key][ext] = _tar_member(tar, member, max_bytes)
+        problem = _tar_end_problem(fs, path)
     except (tarfile.TarError, OSError, EOFError) as exc:
+        problem = f"tar shard is corrupt: {exc}"
+    if problem:  # rows read so far are kept; this row says the rest of the shard is lost
         order.append("__shard_error__")
-        groups["__shard_error__"] = {"error": f"tar shard is corrupt or truncated after {len(order) - 1} keys: {exc}"}
+        groups["__shard_error__"] = {"error": f"{problem} (after {len(order) - 1} keys)"}
     for key in order:
         yield _tar_row(key, groups[key])
+
+
+def _tar_end_problem(fs, path: str) -> str | None:
+    """tarfile's stream mode stops silently at a cut-off header; a whole tar ends with two zero blocks."""
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        if size % tarfile.BLOCKSIZE:
+            return f"tar shard is truncated: {size} bytes is not a multiple of {tarfile.BLOCKSIZE}"
+        f.seek(max(size - 2 * tarfile.BLOCKSIZE, 0))
+        if f.read().strip(b"\0"):
+            return "tar shard is truncated: no end-of-archive marker"
+    return None
 
 
 def _tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, max_bytes: int) -> bytes | Exception:
@@ -152,7 +167,12 @@ def _tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, max_bytes: int) -
     if member.size > max_bytes:
         return ValueError(f"member {member.name} has {member.size} bytes, over data.max_bytes={max_bytes}")
     f = tar.extractfile(member)
-    return f.read() if f is not None else ValueError(f"member {member.name} cannot be read")
+    if f is None:
+        return ValueError(f"member {member.name} cannot be read")
+    data = f.read()
+    if len(data) != member.size:  # a cut-off shard: stream mode does not raise, it returns short data
+        return ValueError(f"member {member.name} truncated: {len(data)} of {member.size} bytes (the tar ends early)")
+    return data
 
 
 def _tar_row(key: str, members: dict) -> dict:

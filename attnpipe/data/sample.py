@@ -64,15 +64,18 @@ _POLYGONS = {
     "cross": [(1, 0), (2, 0), (2, 1), (3, 1), (3, 2), (2, 2), (2, 3), (1, 3), (1, 2), (0, 2), (0, 1), (1, 1)],
     "diamond": [(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)],
     "hexagon": [(0.25, 0), (0.75, 0), (1, 0.5), (0.75, 1), (0.25, 1), (0, 0.5)],
-    "star": _star(5, 0.45),
+    "star": _star(5, 0.6),  # a fat star: fills half its box, like the triangle
     "pentagon": _star(5, 1.0)[::2],
 }
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     # Muted (greyish, 20..200) so every class colour stands out; texture so the image is not trivially uniform.
-    coarse = np.clip(rng.normal(128.0, 25.0, (max(2, size // 12), max(2, size // 12), 3)), 0, 255).astype(np.uint8)
-    blobs = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.float32) - 128.0
+    grid = (max(2, size // 12), max(2, size // 12))
+    coarse = 128.0 + rng.normal(0.0, 25.0, (*grid, 1)) + rng.normal(0.0, 8.0, (*grid, 3))  # mostly luminance
+    coarse = np.clip(coarse, 0, 255).astype(np.uint8)
+    smooth = Image.fromarray(coarse).resize((size, size), Image.Resampling.BILINEAR)
+    blobs = np.asarray(smooth, dtype=np.float32) - 128.0
     ramp = np.linspace(-30.0, 30.0, size, dtype=np.float32)
     angle = rng.uniform(0, 2 * np.pi)
     gradient = np.cos(angle) * ramp[None, :, None] + np.sin(angle) * ramp[:, None, None]
@@ -83,7 +86,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def _render(rng: np.random.Generator, label: str, size: int, key: str) -> _Record:
     img = Image.fromarray(_background(rng, size))
-    side = int(round(rng.uniform(0.25, 0.5) * size))
+    side = round(rng.uniform(0.25, 0.5) * size)
     x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, 2))
     color = tuple(int(c) for c in np.clip(np.array(CLASS_COLORS[label]) + rng.integers(-20, 21, 3), 0, 255))
     pts = np.array(_POLYGONS[label.split("_", 1)[1]], dtype=np.float64)
@@ -91,7 +94,7 @@ def _render(rng: np.random.Generator, label: str, size: int, key: str) -> _Recor
     ImageDraw.Draw(img).polygon([tuple(p) for p in pts], fill=color)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=_JPEG_QUALITY)
-    box = [round(v / size, 4) for v in (x0, y0, x0 + side, y0 + side)]
+    box = [v / size for v in (x0, y0, x0 + side, y0 + side)]
     return key, "jpg", buf.getvalue(), label, box
 
 
@@ -107,7 +110,7 @@ def _png_bomb() -> bytes:
 
 
 def _noise(rng: np.random.Generator) -> bytes:
-    while True:  # redraw in the (astronomically rare) case the bytes happen to carry a format PIL recognises
+    while True:  # redraw in the rare case the bytes pass a format check (TGA has no magic number)
         data = rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()
         try:
             Image.open(io.BytesIO(data))
@@ -197,12 +200,14 @@ def make_sample(
     seed: int = 0,
     broken: bool = False,
     classes: int = 4,
+    prefix: str = "shard",
 ) -> list[str]:
     """Write ``n`` synthetic labeled images as ``num_shards`` shards ``out/shard-00000...`` in format ``fmt``.
 
     Classes are the first ``classes`` of ``CLASS_NAMES``, balanced (round-robin, then shuffled with ``seed``).
     Keys are ``%06d`` over the whole dataset; shard sizes differ by at most one, earlier shards first.
-    Existing files of the same names are overwritten.
+    Existing files of the same names are overwritten. ``prefix`` names the shards (``<prefix>-00000``), so several
+    samples can be encoded together with unique ids.
 
     Returns:
         The shard paths written, in order; with ``broken=True`` the ``shard-broken`` shard comes last.
@@ -228,7 +233,7 @@ def make_sample(
         # One generator per image: any shard can be regenerated alone with identical bytes.
         idxs = range(start, start + size)
         records = [_render(np.random.default_rng([seed, 2, i]), labels[i], image_size, f"{i:06d}") for i in idxs]
-        paths.append(_write_shard(out, f"shard-{shard:05d}", fmt, records))
+        paths.append(_write_shard(out, f"{prefix}-{shard:05d}", fmt, records))
         start += size
     if broken:
         paths.append(make_broken_shard(out, fmt, image_size=image_size, seed=seed)[0])

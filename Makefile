@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine with Python 3.11:
+#   make run   - create .venv, install attnpipe, run the demo pipeline on a local Ray with a sample dataset
+#   make test  - create/update .venv, install test deps, run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "needs $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/attnpipe run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/pip install -q ruff mypy
+	$(BIN)/ruff check attnpipe jobs tests bench
+	$(BIN)/ruff format --check attnpipe jobs tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/encode_throughput.py
+
+clean:
+	rm -rf $(VENV) attnpipe-demo

@@ -1,0 +1,129 @@
+"""The encode stage end to end on a real local Ray: every shard format, broken members, every pooling head."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from attnpipe import store
+from attnpipe.data.shards import discover
+from attnpipe.encode import encode
+from attnpipe.models.pooling import list_poolings
+from tests.conftest import fast_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+BAD_REASONS = {
+    "bad-truncated": "truncated",
+    "bad-empty": "empty",
+    "bad-noise": "not an image",
+    "bad-text": "not an image",
+    "bad-bomb": "max_pixels",
+}
+
+
+@pytest.fixture(scope="module")
+def encoded(ray_session, sample_inputs, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("enc") / "emb")
+    inputs = [sample_inputs[k] for k in ("tar", "folder", "parquet", "broken")]
+    summary = encode(inputs, out, fast_config())
+    assert summary["rows"] == 24 + 10 + 14 + 7
+    return out
+
+
+def test_one_row_per_input_with_errors_and_reasons(encoded):
+    table = store.read_embeddings(encoded)
+    assert table.num_rows == 24 + 10 + 14 + 7
+    ids = table.column("id").to_pylist()
+    assert len(set(ids)) == len(ids)
+    rows = {r["id"]: r for r in table.select(["id", "status", "error", "embedding"]).to_pylist()}
+    for key, reason in BAD_REASONS.items():
+        row = rows[f"shard-broken/{key}"]
+        assert row["status"] == "error" and reason in row["error"], row
+        assert row["embedding"] is None
+    good = [r for r in rows.values() if not r["id"].startswith("shard-broken/bad-")]
+    assert all(r["status"] == "ok" and r["error"] is None for r in good)
+
+
+def test_embeddings_normalized_and_attention_sums_to_one(encoded):
+    table = store.read_embeddings(encoded, filter=pc.field("status") == "ok")
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    attn = np.stack(table.column("attention").to_numpy(zero_copy_only=False)).astype(np.float32)
+    h, w = table.column("attn_h")[0].as_py(), table.column("attn_w")[0].as_py()
+    assert attn.shape[1] == h * w == 4  # resnet18 at 64 px: a 2x2 map
+    np.testing.assert_allclose(attn.sum(1), 1.0, atol=5e-3)  # stored as float16
+    assert (attn >= 0).all()
+    entropy = table.column("attn_entropy").to_numpy()
+    assert ((entropy >= 0) & (entropy <= 1)).all()
+    assert not np.allclose(emb[0], emb[1])
+
+
+def test_labels_and_boxes_from_every_format(encoded):
+    table = store.read_embeddings(encoded, filter=pc.field("status") == "ok")
+    for shard in ("tar-00000", "folder-00000", "parquet-00000"):
+        rows = table.filter(pc.field("shard") == shard).to_pylist()
+        assert rows, shard
+        assert all(r["label"] for r in rows), shard
+        assert all(r["box"] is not None and 0 <= r["box"][0] < r["box"][2] <= 1 for r in rows), shard
+
+
+def test_manifest_and_metadata(encoded, sample_inputs):
+    manifest = store.read_manifest(encoded)
+    names = [s["name"] for s in manifest["shards"]]
+    assert names == sorted(names) and "shard-broken" in names
+    assert sum(s["rows"] for s in manifest["shards"]) == 55
+    for s in manifest["shards"]:
+        assert s["fingerprint"] and s["parts"]
+        for p in s["parts"]:
+            assert p.startswith(f"part-{s['name']}-") and os.path.isfile(os.path.join(encoded, p))
+    meta = store.dataset_metadata(encoded)
+    assert meta["attnpipe.schema_version"] == "1"
+    assert meta["attnpipe.model"] == "resnet18" and meta["attnpipe.embedding_dim"] == "512"
+    assert os.path.isfile(os.path.join(encoded, store.CONFIG_FILE))
+    assert not [f for f in os.listdir(os.path.dirname(encoded)) if ".staging-" in f]
+
+
+def test_same_input_same_embeddings(ray_session, sample_inputs, encoded, tmp_path):
+    """Deterministic init: a second run (new actors) reproduces the embeddings."""
+    out = str(tmp_path / "again")
+    encode([sample_inputs["folder"]], out, fast_config())
+    ids, X = store.load_vectors(out)
+    ids0, X0 = store.load_vectors(encoded)
+    ref = dict(zip(ids0, X0))
+    np.testing.assert_allclose(X, np.stack([ref[i] for i in ids]), atol=2e-2)
+
+
+def test_every_pooling_head_through_ray(ray_session, sample_inputs, tmp_path):
+    for head in list_poolings():
+        out = str(tmp_path / head)
+        summary = encode([sample_inputs["parquet"]], out, fast_config(f"model.pooling={head}"))
+        assert summary["ok"] == 14, head
+        ids, X = store.load_vectors(out)
+        np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-5, err_msg=head)
+        assert store.dataset_metadata(out)["attnpipe.pooling"] == head
+
+
+def test_failed_run_leaves_previous_output_untouched(ray_session, sample_inputs, tmp_path):
+    out = str(tmp_path / "emb")
+    encode([sample_inputs["parquet"]], out, fast_config())
+    before = sorted(os.listdir(out))
+    with pytest.raises(Exception, match="injected"):
+        encode([sample_inputs["tar"]], out, fast_config(), overwrite=True, _crash_after_parts=1)
+    assert sorted(os.listdir(out)) == before
+    assert store.read_manifest(out)["shards"][0]["name"] == "parquet-00000"
+    assert os.listdir(tmp_path) == ["emb"]  # staging removed
+
+
+def test_fail_fast_before_ray_work(tmp_path, sample_inputs):
+    from attnpipe.data.shards import InputError
+
+    with pytest.raises(InputError, match="does not exist"):
+        encode([str(tmp_path / "missing")], str(tmp_path / "o"), fast_config())
+    os.makedirs(tmp_path / "exists")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        encode([sample_inputs["tar"]], str(tmp_path / "exists"), fast_config())
+    assert len(discover([sample_inputs["tar"]])) == 2
