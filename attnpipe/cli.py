@@ -12,8 +12,10 @@ import json
 import os
 import sys
 
+from attnpipe import store
 from attnpipe.config import ConfigError, load_config
 from attnpipe.data.shards import InputError
+from attnpipe.index.layout import IndexLayoutError
 
 DEMO_DIR = "attnpipe-demo"
 DEMO_SETTINGS = ("model.backbone=resnet18", "model.pooling=attn", "data.image_size=160")
@@ -48,6 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
     _config_args(p)
 
+    p = sub.add_parser("index", help="build a FAISS (+ LSH) index version of an embeddings dataset")
+    p.add_argument("--embeddings", required=True, help="embeddings dataset written by `attnpipe encode`")
+    p.add_argument("--out", required=True, help="index root: versions v<N>/ and CURRENT")
+    p.add_argument("--faiss", default=None, help="faiss index_factory string (default: chosen from the count)")
+    p.add_argument("--lsh", default="simhash", choices=("simhash", "minhash", "both", "none"))
+    p.add_argument("--workers", type=int, default=0, help="Ray add tasks (default: one per CPU, at most parts)")
+    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 vs exact that nprobe is tuned to")
+    p.add_argument("--dedup-threshold", type=float, default=0.9, help="weighted Jaccard for near-duplicates")
+    p.add_argument("--ray-address", default=None)
+
+    p = sub.add_parser("search", help="query an index by id or by image")
+    p.add_argument("--index", required=True, help="index root")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--id", help="an id of the indexed dataset")
+    q.add_argument("--image", help="an image file, encoded with the dataset's model")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--version", default=None, help="a version such as v3 (default: CURRENT)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("run", help="the whole pipeline; with no arguments, on a sample dataset it makes")
     p.add_argument("--workdir", default=DEMO_DIR, help=f"where data and outputs go (default ./{DEMO_DIR})")
     p.add_argument("--input", nargs="+", help="your shards instead of the generated sample")
@@ -60,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, InputError, FileExistsError, FileNotFoundError) as exc:
+    except (ConfigError, InputError, FileExistsError, FileNotFoundError, IndexLayoutError, KeyError, ValueError) as exc:
         print(f"attnpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -84,6 +105,32 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from attnpipe.index.build import build_index
+    from attnpipe.runtime import init_ray
+
+    store.read_manifest(args.embeddings)  # fail fast, before Ray starts
+    init_ray(args.ray_address)
+    manifest = build_index(args.embeddings, args.out, factory=args.faiss, lsh=args.lsh, workers=args.workers,
+                           target_recall=args.target_recall, dedup_threshold=args.dedup_threshold)
+    print(json.dumps({k: manifest[k] for k in ("version", "count", "dim", "build_seconds")} |
+                     {"faiss": {k: v for k, v in manifest["faiss"].items() if k != "tuning"}}))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from attnpipe.index.search import SearchIndex
+
+    index = SearchIndex.load(args.index, args.version)
+    hits = index.search_id(args.id, args.k) if args.id else index.search_image(args.image, args.k)
+    if args.json:
+        print(json.dumps([{"id": i, "score": round(s, 6)} for i, s in hits]))
+    else:
+        for rank, (i, s) in enumerate(hits, 1):
+            print(f"{rank:3d}  {s:.4f}  {i}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from attnpipe.data.sample import make_sample
     from attnpipe.encode import encode
@@ -103,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sample": cmd_sample, "encode": cmd_encode, "run": cmd_run}
+COMMANDS = {"sample": cmd_sample, "encode": cmd_encode, "index": cmd_index, "search": cmd_search, "run": cmd_run}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -132,6 +132,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.backbone={m.backbone!r} is not a supported torchvision backbone; allowed: {', '.join(backbones)}"
         )
+    if m.backbone.startswith("vit_") and d.image_size != 224:
+        raise ConfigError(f"model.backbone={m.backbone} needs data.image_size=224 (its position embeddings are fixed)")
     if m.pooling not in list_poolings():
         raise ConfigError(f"model.pooling={m.pooling!r} is unknown; allowed: {', '.join(list_poolings())}")
     if m.weights not in WEIGHTS_KEYWORDS and not os.path.isfile(m.weights):

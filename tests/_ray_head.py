@@ -1,6 +1,6 @@
 """A private, token-authenticated Ray head for tests that drive the real ``ray`` CLI (``ray job submit``).
 
-``ray_head()`` runs ``ray start --head`` on loopback with free ports, its own ``--temp-dir`` and its own auth token,
+``ray_head()`` runs ``ray start --head`` (dashboard on loopback) with free ports, its own ``--temp-dir`` and token,
 waits until the dashboard's job API answers, and on exit stops exactly the processes that head started. It never
 runs ``ray stop`` (which kills every Ray process on the machine, including the ``ray.init()`` instances other tests
 hold) and never reads or writes ``~/.ray/auth_token`` or ``/tmp/ray/ray_current_cluster``.
@@ -35,9 +35,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-# Every process the head starts inherits this variable (raylet → workers → job supervisor → job driver), so teardown
-# finds them by their environment: process groups are not enough, Ray puts each worker in its own group and each
-# job driver in its own session.
+# Every process the head starts inherits this variable (raylet → workers → job supervisor → job driver); teardown
+# finds the head's processes by it or by the session `ray start` ran in (see _head_pids). Process groups are not
+# enough: Ray puts each worker in its own group and each job driver in its own session.
 MARKER_ENV = "ATTNPIPE_TEST_RAY_HEAD"
 
 # Variables that would point a client or the head somewhere else, or override our token (RAY_AUTH_TOKEN beats

@@ -30,6 +30,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
         (["encode.precision=fp8"], "allowed: auto, fp32, bf16, fp16"),
         (["data.image_size=8"], "data.image_size must be >= 32"),
         (["backbone=resnet18"], "section.key=value"),
+        (["model.backbone=vit_b_16", "data.image_size=128"], "needs data.image_size=224"),
     ],
 )
 def test_bad_values_say_what_to_fix(overrides, message):

@@ -29,8 +29,13 @@ def head() -> Iterator[RayHead]:
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = SUBMIT_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout, check=False)  # fmt: skip
+    try:
+        return subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout, check=False)  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        # Keep what the job logged so far for the assertion message; the head's teardown kills the job.
+        out = e.output.decode(errors="replace") if isinstance(e.output, bytes) else e.output or ""
+        return subprocess.CompletedProcess(args, -1, out + f"\n<timed out after {timeout:.0f}s>")
 
 
 def _submit(head: RayHead, *entrypoint: str, working_dir: Path | None = None) -> subprocess.CompletedProcess:

@@ -1,0 +1,237 @@
+"""Distributed index build: embeddings dataset -> ``ROOT/v<N>`` (FAISS + LSH), published atomically.
+
+Steps: sample once across all parts -> train the FAISS index on the driver (GPU k-means when present) -> Ray tasks,
+one per worker, each add their parts with ``add_with_ids`` and also compute the exact top-k of a held-out query
+sample against their parts and their LSH codes -> merge (IVF inverted lists / flat concatenation / graph shards)
+-> tune nprobe or efSearch to the target recall@10 vs exact -> write to staging, checksum, rename, move CURRENT.
+
+FAISS ids are ``(part index << 32) | row within the part's ok rows``: unique and known to each task without
+coordination; ``ids.parquet`` maps them to string ids.
+
+Example::
+
+    manifest = build_index("out/emb", "out/index", factory="IVF64,Flat", lsh="simhash", workers=2)
+    manifest["faiss"]["nprobe"], manifest["faiss"]["recall@10"]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from attnpipe import store
+from attnpipe.index import faiss_index as fx
+from attnpipe.index import layout
+
+LSH_CHOICES = ("simhash", "minhash", "both", "none")
+TUNE_K = 10
+
+
+def part_paths(embeddings: str) -> list[str]:
+    manifest = store.read_manifest(embeddings)
+    return sorted(os.path.join(embeddings, p) for s in manifest["shards"] for p in s["parts"])
+
+
+def read_part(path: str) -> tuple[list[str], np.ndarray]:
+    """String ids and float32 embeddings ``(n, D)`` of a part's ok rows."""
+    table = pq.read_table(path, columns=["id", "status", "embedding"])
+    table = table.filter(pc.equal(table.column("status"), "ok"))
+    emb = table.column("embedding").combine_chunks()
+    X = emb.flatten().to_numpy().reshape(len(table), emb.type.list_size) if len(table) else np.zeros((0, 0))
+    return table.column("id").to_pylist(), X.astype(np.float32, copy=False)
+
+
+def faiss_ids(part_index: int, n: int) -> np.ndarray:
+    return (np.int64(part_index) << 32) | np.arange(n, dtype=np.int64)
+
+
+def _sample(parts: list[str], counts: list[int], size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` rows drawn uniformly without replacement across all parts (reads one part at a time)."""
+    total = sum(counts)
+    chosen = np.sort(rng.choice(total, size=min(size, total), replace=False))
+    offsets = np.cumsum([0, *counts])
+    rows = []
+    for i, path in enumerate(parts):
+        local = chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i]
+        if len(local):
+            rows.append(read_part(path)[1][local])
+    return np.concatenate(rows)
+
+
+@ray.remote
+def _add_parts(trained: np.ndarray, parts: list[tuple[int, str]], queries: np.ndarray, lsh: dict) -> dict:
+    """One worker: add its parts to a copy of the trained index; exact top-k of the queries over its parts; LSH."""
+    from attnpipe.index import lsh as lsh_mod
+
+    index = fx.to_gpu(faiss.deserialize_index(trained))
+    all_ids, all_fids, exact, codes, hashes = [], [], [], [], []
+    for part_index, path in parts:
+        ids, X = read_part(path)
+        if not ids:
+            continue
+        fids = faiss_ids(part_index, len(ids))
+        fx.add(index, X, fids)
+        exact.append(fx.exact_topk(X, fids, queries, TUNE_K))
+        if lsh.get("simhash"):
+            codes.append(lsh_mod.SimHashLSH(**lsh["simhash"]).codes(X))
+        if lsh.get("minhash"):
+            hashes.append(lsh_mod.weighted_minhash(np.maximum(X, 0), **lsh["minhash"]))
+        all_ids.extend(ids)
+        all_fids.append(fids)
+    k = TUNE_K
+    D, I = fx.merge_topk([e[0] for e in exact], [e[1] for e in exact], k) if exact else fx.exact_topk(
+        np.zeros((0, queries.shape[1]), np.float32), np.zeros(0, np.int64), queries, k)
+    return {
+        "index": faiss.serialize_index(fx.to_cpu(index)),
+        "ids": all_ids,
+        "fids": np.concatenate(all_fids) if all_fids else np.zeros(0, np.int64),
+        "exact": (D, I),
+        "codes": np.concatenate(codes) if codes else None,
+        "hashes": np.concatenate(hashes) if hashes else None,
+    }
+
+
+def _split(parts: list[str], counts: list[int], workers: int) -> list[list[tuple[int, str]]]:
+    """Greedy balance of parts over workers by row count (largest first)."""
+    groups: list[list[tuple[int, str]]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for i in sorted(range(len(parts)), key=lambda i: -counts[i]):
+        w = int(np.argmin(load))
+        groups[w].append((i, parts[i]))
+        load[w] += counts[i]
+    return [sorted(g) for g in groups if g]
+
+
+def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str = "simhash", workers: int = 0,
+                target_recall: float = 0.95, queries: int = 1000, seed: int = 0, simhash_tables: int = 16,
+                simhash_bits: int = 12, minhash_perm: int = 128, dedup_threshold: float = 0.9,
+                _crash_before_publish: bool = False) -> dict:
+    """Build and publish a new index version of ``embeddings`` under ``root``; returns its manifest.
+
+    Raises:
+        FileNotFoundError: ``embeddings`` is not a published dataset.
+        ValueError: a bad factory/LSH choice, or no ok rows to index.
+    """
+    if lsh not in LSH_CHOICES:
+        raise ValueError(f"--lsh {lsh!r}; allowed: {', '.join(LSH_CHOICES)}")
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
+    start = time.perf_counter()
+    src_manifest = store.read_manifest(embeddings)
+    for gone in layout.clean_leftovers(root):
+        _log(f"index: removed {gone} left by a build that did not finish")
+    parts = part_paths(embeddings)
+    counts = [pq.read_metadata(p).num_rows for p in parts]  # upper bound (error rows included)
+    ok_counts = [_ok_rows(p) for p in parts]
+    n = sum(ok_counts)
+    if n == 0:
+        raise ValueError(f"{embeddings} has no ok rows to index")
+    dim = int(store.dataset_metadata(embeddings)["attnpipe.embedding_dim"])
+    factory = factory or fx.default_factory(n, dim)
+    index, kind = fx.make_index(factory, dim)
+    rng = np.random.default_rng(seed)
+    train_size = min(n, max(256 * (fx.min_train_size(index) // 39), 10_000), 1_000_000) if not index.is_trained else 0
+    if train_size and train_size < fx.min_train_size(index):
+        raise ValueError(f"{factory} needs at least {fx.min_train_size(index)} vectors to train; {n} available")
+    _log(f"index: {n} vectors, dim {dim}, factory {factory} ({kind}), training on {train_size}")
+    fx.train(index, _sample(parts, ok_counts, train_size, rng) if train_size else None, seed)
+    Q = _sample(parts, ok_counts, min(queries, n), rng)
+    lsh_cfg = _lsh_config(lsh, dim, seed, simhash_tables, simhash_bits, minhash_perm)
+    workers = workers or max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
+    trained = ray.put(faiss.serialize_index(index))
+    groups = _split(parts, counts, workers)
+    _log(f"index: adding {len(parts)} parts with {len(groups)} Ray tasks")
+    results = ray.get([_add_parts.remote(trained, g, Q, lsh_cfg) for g in groups])
+    indexes = fx.merge([faiss.deserialize_index(r["index"]) for r in results], kind)
+    D, exact = fx.merge_topk([r["exact"][0] for r in results], [r["exact"][1] for r in results], TUNE_K)
+    tuning = fx.tune(indexes, Q, exact, TUNE_K, target_recall)
+    if tuning["param"] and not tuning.get("reached"):
+        _log(f"index: warning: recall@{TUNE_K} {tuning[f'recall@{TUNE_K}']:.3f} at the largest {tuning['param']} "
+             f"stays under the target {target_recall}")
+    ids = [i for r in results for i in r["ids"]]
+    fids = np.concatenate([r["fids"] for r in results])
+
+    version = layout.next_version(root)
+    stage = layout.staging(root, version)
+    try:
+        files = _write_faiss(stage, indexes)
+        pq.write_table(pa.table({"faiss_id": fids, "id": pa.array(ids, pa.string())}), os.path.join(stage, "ids.parquet"))
+        lsh_meta = _write_lsh(stage, lsh_cfg, results, ids, fids, dedup_threshold)
+        if _crash_before_publish:
+            raise RuntimeError("injected failure before publish (test hook)")
+        manifest = {
+            "type": "attnpipe-index", "count": int(n), "dim": dim, "metric": "inner_product",
+            "faiss": {"factory": factory, "kind": kind, "files": files, tuning["param"] or "param": tuning["value"],
+                      "recall@10": tuning[f"recall@{TUNE_K}"], "target_recall": target_recall,
+                      "tuning": tuning["sweep"], "queries": len(Q), "train_size": train_size},
+            "lsh": lsh_meta,
+            "workers": len(groups),
+            "build_seconds": round(time.perf_counter() - start, 2),
+            "source": {"embeddings": os.path.abspath(embeddings), "model": src_manifest.get("model"),
+                       "shards": {s["name"]: s["fingerprint"] for s in src_manifest["shards"]},
+                       "manifest_sha256": layout.checksum(os.path.join(embeddings, store.MANIFEST))},
+        }
+        layout.publish_version(root, stage, version, manifest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    manifest = layout.load_manifest(root, version, verify=False)
+    _log(f"index: published {root}/{version}: {n} vectors, {tuning['param']}={tuning['value']}, "
+         f"recall@10 {tuning[f'recall@{TUNE_K}']:.3f}, {manifest['build_seconds']} s")
+    return manifest
+
+
+def _ok_rows(path: str) -> int:
+    status = pq.read_table(path, columns=["status"]).column("status")
+    return int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
+
+
+def _lsh_config(lsh: str, dim: int, seed: int, tables: int, bits: int, perm: int) -> dict:
+    cfg = {}
+    if lsh in ("simhash", "both"):
+        cfg["simhash"] = {"dim": dim, "num_tables": tables, "bits": bits, "seed": seed}
+    if lsh in ("minhash", "both"):
+        cfg["minhash"] = {"num_perm": perm, "seed": seed + 1}
+    return cfg
+
+
+def _write_faiss(stage: str, indexes: list[faiss.Index]) -> list[str]:
+    names = ["faiss.index"] if len(indexes) == 1 else [f"faiss-{i}.index" for i in range(len(indexes))]
+    for name, index in zip(names, indexes):
+        faiss.write_index(index, os.path.join(stage, name))
+    return names
+
+
+def _write_lsh(stage: str, cfg: dict, results: list[dict], ids: list[str], fids: np.ndarray, threshold: float) -> dict:
+    from attnpipe.index import lsh as lsh_mod
+
+    meta: dict = {}
+    if not cfg:
+        return meta
+    os.makedirs(os.path.join(stage, "lsh"))
+    if "simhash" in cfg:
+        codes = np.concatenate([r["codes"] for r in results if r["codes"] is not None])
+        table = lsh_mod.SimHashLSH.from_codes(codes, fids, **cfg["simhash"])
+        table.save(os.path.join(stage, "lsh", "simhash"))
+        meta["simhash"] = cfg["simhash"]
+    if "minhash" in cfg:
+        hashes = np.concatenate([r["hashes"] for r in results if r["hashes"] is not None])
+        np.save(os.path.join(stage, "lsh", "minhash.npy"), hashes)
+        groups = lsh_mod.near_duplicate_groups_from_hashes(ids, hashes, threshold=threshold, **cfg["minhash"])
+        pq.write_table(lsh_mod.dedup_table(groups), os.path.join(stage, "lsh", "near_duplicates.parquet"))
+        meta["minhash"] = {**cfg["minhash"], "threshold": threshold, "groups": len(groups),
+                           "note": "weighted MinHash of max(embedding, 0)"}
+    return meta
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

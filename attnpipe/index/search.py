@@ -1,0 +1,105 @@
+"""Searching a published index version: vectors, ids or images -> ranked string ids with cosine scores.
+
+Example::
+
+    index = SearchIndex.load("out/index")                 # CURRENT, checksums verified
+    scores, ids = index.search(vectors, k=10)             # (nq, k) float32, list of lists of str
+    hits = index.search_id("shard-00000/000042", k=5)     # [(id, score), ...], the id itself first
+"""
+
+from __future__ import annotations
+
+import os
+
+import faiss
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from attnpipe import store
+from attnpipe.index import faiss_index as fx
+from attnpipe.index import layout
+
+
+class SearchIndex:
+    """One loaded index version: faiss index (or shards), id map, tuned search parameter."""
+
+    def __init__(self, manifest: dict, indexes: list[faiss.Index], faiss_ids: np.ndarray, ids: np.ndarray):
+        self.manifest = manifest
+        self.indexes = indexes
+        order = np.argsort(faiss_ids)
+        self._fids, self._ids = faiss_ids[order], ids[order]
+        f = manifest["faiss"]
+        param = next((p for p in ("nprobe", "efSearch") if p in f), None)
+        fx.set_search_param(indexes, param, f.get(param))
+
+    @classmethod
+    def load(cls, root: str, version: str | None = None) -> SearchIndex:
+        """Load ``version`` (default ``CURRENT``) after verifying every file's checksum.
+
+        Raises:
+            layout.IndexLayoutError: no such root/version, or a missing or damaged file (named).
+        """
+        manifest = layout.load_manifest(root, version, verify=True)
+        path = manifest["path"]
+        indexes = []
+        for name in manifest["faiss"]["files"]:
+            try:
+                indexes.append(faiss.read_index(os.path.join(path, name)))
+            except RuntimeError as exc:  # checksums passed, so the file was written broken
+                raise layout.IndexLayoutError(f"index file {os.path.join(path, name)} cannot be read: {exc}") from None
+        table = pq.read_table(os.path.join(path, "ids.parquet"))
+        ids = np.array(table.column("id").to_pylist(), dtype=object)
+        return cls(manifest, indexes, table.column("faiss_id").to_numpy(), ids)
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    def lookup(self, faiss_ids: np.ndarray) -> np.ndarray:
+        """faiss ids -> string ids (None for -1)."""
+        pos = np.clip(np.searchsorted(self._fids, faiss_ids), 0, len(self._fids) - 1)
+        found = (faiss_ids >= 0) & (self._fids[pos] == faiss_ids)
+        return np.where(found, self._ids[pos], None)
+
+    def search(self, Q: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-k for a batch of vectors ``(nq, D)`` (normalized here): scores and string ids per query."""
+        Q = np.atleast_2d(np.asarray(Q, dtype=np.float32))
+        if Q.shape[1] != self.manifest["dim"]:
+            raise ValueError(f"query dim {Q.shape[1]} does not match the index dim {self.manifest['dim']}")
+        Q = Q / np.maximum(np.linalg.norm(Q, axis=1, keepdims=True), 1e-12)
+        D, I = fx.search(self.indexes, Q, k)  # noqa: E741
+        names = self.lookup(I)
+        return D, [[n for n in row if n is not None] for row in names]
+
+    def vector_of(self, id_: str) -> np.ndarray:
+        """The embedding of ``id_`` from the source embeddings dataset recorded in the manifest."""
+        src = self.manifest["source"]["embeddings"]
+        table = store.read_embeddings(src, ["id", "status", "embedding"], filter=pc.field("id") == id_)
+        if table.num_rows == 0:
+            raise KeyError(f"id {id_!r} is not in {src}")
+        row = table.to_pylist()[0]
+        if row["status"] != "ok":
+            raise KeyError(f"id {id_!r} has no embedding (status={row['status']})")
+        return np.asarray(row["embedding"], np.float32)
+
+    def search_id(self, id_: str, k: int = 10) -> list[tuple[str, float]]:
+        D, names = self.search(self.vector_of(id_)[None], k)
+        return list(zip(names[0], D[0].tolist()))
+
+    def search_image(self, path: str, k: int = 10) -> list[tuple[str, float]]:
+        """Encode an image file with the model of the source embeddings (its saved config), then search."""
+        import yaml
+
+        from attnpipe.config import from_dict
+        from attnpipe.data.decode import decode_image
+        from attnpipe.models.encoder import EncoderRunner
+
+        src = self.manifest["source"]["embeddings"]
+        with open(os.path.join(src, store.CONFIG_FILE)) as f:
+            cfg = from_dict(yaml.safe_load(f))
+        with open(path, "rb") as f:
+            pixels = decode_image(f.read(), cfg.data.image_size, cfg.data.max_pixels)
+        emb = EncoderRunner(cfg.model, cfg.encode.precision, cfg.encode.threads)(pixels[None])["embedding"]
+        D, names = self.search(emb, k)
+        return list(zip(names[0], D[0].tolist()))
