@@ -21,7 +21,7 @@ BAD_REASONS = {
     "bad-empty": "empty",
     "bad-noise": "not an image",
     "bad-text": "not an image",
-    "bad-bomb": "max_pixels",
+    "bad-bomb": "decompression bomb",
 }
 
 

@@ -17,10 +17,6 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Our own cap (data.max_pixels) is checked from the header before any decode; PIL's global guard is lifted so that
-# it does not pre-empt a larger configured cap with a less clear message.
-Image.MAX_IMAGE_PIXELS = None
-
 
 class DecodeError(ValueError):
     """An image that cannot become pixels; the message is the row's ``error``."""
@@ -35,9 +31,13 @@ def decode_image(data: bytes | None, size: int, max_pixels: int) -> np.ndarray:
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap is checked next
+            img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise DecodeError(f"not an image: format not recognized ({len(data)} bytes starting {data[:8]!r})") from None
+    except Image.DecompressionBombError as exc:  # over PIL's own hard cap (2 x Image.MAX_IMAGE_PIXELS)
+        raise DecodeError(f"possible decompression bomb, refused from its header: {exc}") from None
     w, h = img.size
     if w * h > max_pixels:
         raise DecodeError(
