@@ -136,3 +136,32 @@ def test_default_factory_rule():
     assert fx.default_factory(10_000, 512) == "Flat"
     assert fx.default_factory(1_000_000, 512) == "IVF4096,Flat"
     assert fx.default_factory(10_000_000, 512).startswith("IVF16384,PQ")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_build_keeps_current(ray_session, vectors, tmp_path):
+    """kill -9 of a build (its whole process group, its own Ray included) halfway: CURRENT stays whole."""
+    import signal
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "root")
+    build_index(vectors[0], root, factory="Flat", lsh="none", workers=1)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "attnpipe.cli", "index", "--embeddings", vectors[0], "--out", root,
+           "--faiss", "IVF64,Flat", "--lsh", "none", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "index: adding" in line:  # trained, Ray tasks in flight: halfway
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert any("index: adding" in s for s in seen), "".join(seen)
+    assert current_version(root) == "v1"
+    index = SearchIndex.load(root)
+    assert index.search_id("syn/000042", 1)[0][0] == "syn/000042"
+    build_index(vectors[0], root, factory="IVF64,Flat", lsh="none", workers=2)
+    assert current_version(root) == "v2" and not [d for d in os.listdir(root) if "staging" in d]
+    assert SearchIndex.load(root).manifest["faiss"]["factory"] == "IVF64,Flat"

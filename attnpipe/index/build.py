@@ -70,7 +70,8 @@ def _sample(parts: list[str], counts: list[int], size: int, rng: np.random.Gener
 @ray.remote
 def _add_parts(trained: np.ndarray, parts: list[tuple[int, str]], queries: np.ndarray, lsh: dict) -> dict:
     """One worker: add its parts to a copy of the trained index; exact top-k of the queries over its parts; LSH."""
-    from attnpipe.index import lsh as lsh_mod
+    if lsh:
+        from attnpipe.index import lsh as lsh_mod
 
     index = fx.to_gpu(faiss.deserialize_index(trained))
     all_ids, all_fids, exact, codes, hashes = [], [], [], [], []
@@ -212,11 +213,11 @@ def _write_faiss(stage: str, indexes: list[faiss.Index]) -> list[str]:
 
 
 def _write_lsh(stage: str, cfg: dict, results: list[dict], ids: list[str], fids: np.ndarray, threshold: float) -> dict:
-    from attnpipe.index import lsh as lsh_mod
-
     meta: dict = {}
     if not cfg:
         return meta
+    from attnpipe.index import lsh as lsh_mod
+
     os.makedirs(os.path.join(stage, "lsh"))
     if "simhash" in cfg:
         codes = np.concatenate([r["codes"] for r in results if r["codes"] is not None])
