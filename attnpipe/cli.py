@@ -134,6 +134,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from attnpipe.data.sample import make_sample
     from attnpipe.encode import encode
+    from attnpipe.index.build import build_index
 
     overrides = [*DEMO_SETTINGS, *args.overrides] if not args.config else args.overrides
     cfg = load_config(args.config, overrides)
@@ -146,8 +147,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         inputs = [data]
     emb = os.path.join(args.workdir, "embeddings")
     summary = encode(inputs, emb, cfg, overwrite=True, ray_address=args.ray_address)
-    print(json.dumps({"embeddings": summary}))
+    root = os.path.join(args.workdir, "index")
+    manifest = build_index(emb, root, lsh="both")
+    index = {"root": root, "version": manifest["version"], "count": manifest["count"],
+             "factory": manifest["faiss"]["factory"], "recall@10": manifest["faiss"]["recall@10"],
+             "lsh": {k: {m: v for m, v in meta.items() if m in ("candidate_recall@10", "mean_candidates", "groups")}
+                     for k, meta in manifest["lsh"].items()}}
+    print(json.dumps({"embeddings": summary, "index": index}))
+    print(f"try: attnpipe search --index {root} --id {_first_ok_id(emb)}", file=sys.stderr)
     return 0
+
+
+def _first_ok_id(embeddings: str) -> str:
+    ids, _ = store.load_vectors(embeddings)
+    return ids[0] if ids else "<id>"
 
 
 COMMANDS = {"sample": cmd_sample, "encode": cmd_encode, "index": cmd_index, "search": cmd_search, "run": cmd_run}

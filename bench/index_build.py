@@ -4,7 +4,7 @@
 
 Prints build seconds per worker count (Ray start-up excluded, Parquet reading included), plain faiss
 train+add seconds (vectors already in memory), the tuned nprobe and recall@10, and search QPS at that nprobe for
-both (same queries, batch of 1000, single process).
+both (same 5000 queries in one batch, best of 3).
 """
 
 from __future__ import annotations
@@ -24,18 +24,22 @@ from attnpipe.index.build import build_index
 from attnpipe.index.search import SearchIndex
 
 
-def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+def clustered(n: int, dim: int, clusters: int, seed: int, noise: float = 1.0) -> np.ndarray:
+    """Overlapping Gaussian clusters (noise comparable to the centre spread), so nprobe has work to do."""
     rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(clusters, dim)).astype(np.float32)
-    X = centers[rng.integers(0, clusters, n)] + 0.35 * rng.normal(size=(n, dim)).astype(np.float32)
+    centers = np.random.default_rng(1234).normal(size=(clusters, dim)).astype(np.float32)
+    X = centers[rng.integers(0, clusters, n)] + noise * rng.normal(size=(n, dim)).astype(np.float32)
     return X / np.linalg.norm(X, axis=1, keepdims=True)
 
 
 def qps(index: faiss.Index, Q: np.ndarray, k: int = 10) -> float:
     index.search(Q[:100], k)
-    start = time.perf_counter()
-    index.search(Q, k)
-    return len(Q) / (time.perf_counter() - start)
+    best = float("inf")
+    for _ in range(3):  # best of 3: less noise from the other processes on the machine
+        start = time.perf_counter()
+        index.search(Q, k)
+        best = min(best, time.perf_counter() - start)
+    return len(Q) / best
 
 
 def main() -> None:
@@ -47,7 +51,7 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=16)
     args = p.parse_args()
     X = clustered(args.n, args.dim, 500, 0)
-    Q = clustered(1000, args.dim, 500, 1)
+    Q = clustered(5000, args.dim, 500, 1)
     ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     print(f"index build: {args.n} x {args.dim}, {args.factory}, {os.cpu_count()} cores, faiss {faiss.__version__}",
           file=sys.stderr)

@@ -27,11 +27,12 @@ def clustered(n: int, dim: int, clusters: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def vectors(tmp_path_factory):
-    X = clustered(10_000, 64, 50)
+    X = clustered(10_000 + 1_000, 64, 50)
+    X, held_out = X[:10_000], X[10_000:]  # queries from the same distribution, never indexed
     ids = [f"syn/{i:06d}" for i in range(len(X))]
     path = str(tmp_path_factory.mktemp("vec") / "emb")
     store.write_vectors(path, ids, X, num_shards=8)
-    return path, ids, X
+    return path, ids, X, held_out
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +48,12 @@ def _exact(X, Q, k=10):
 
 def test_ivf_recall_at_stored_nprobe(ivf_two_workers, vectors):
     root, manifest = ivf_two_workers
-    _, ids, X = vectors
+    _, ids, X, held_out = vectors
     assert manifest["count"] == 10_000 and manifest["dim"] == 64 and manifest["workers"] == 2
     assert manifest["faiss"]["factory"] == "IVF64,Flat" and manifest["faiss"]["files"] == ["faiss.index"]
     index = SearchIndex.load(root)
     assert index.indexes[0].ntotal == 10_000
-    Q = clustered(500, 64, 50, seed=1)  # fresh queries, not the tuning sample
+    Q = held_out[:500]  # fresh queries, not the tuning sample
     _, got = index.search(Q, 10)
     exact = [[ids[j] for j in row] for row in _exact(X, Q)]
     recall = np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, exact)])
@@ -67,7 +68,7 @@ def test_one_worker_build_agrees_with_two(ivf_two_workers, vectors, tmp_path):
     root2, _ = ivf_two_workers
     root1 = str(tmp_path / "one")
     build_index(vectors[0], root1, factory="IVF64,Flat", lsh="none", workers=1)
-    Q = clustered(300, 64, 50, seed=2)
+    Q = vectors[3][500:]
     a, b = SearchIndex.load(root1), SearchIndex.load(root2)
     b_nprobe = b.manifest["faiss"]["nprobe"]
     fx.set_search_param(a.indexes, "nprobe", b_nprobe)
@@ -86,7 +87,7 @@ def test_search_by_id_returns_itself_first(ivf_two_workers, vectors, capsys):
 
 
 def test_flat_and_hnsw_builds(ray_session, vectors, tmp_path):
-    path, ids, X = vectors
+    path = vectors[0]
     flat = build_index(path, str(tmp_path / "flat"), factory="Flat", lsh="none", workers=3)
     assert flat["faiss"]["kind"] == "flat" and flat["faiss"]["files"] == ["faiss.index"]
     assert flat["faiss"]["recall@10"] == 1.0

@@ -54,17 +54,21 @@ def faiss_ids(part_index: int, n: int) -> np.ndarray:
     return (np.int64(part_index) << 32) | np.arange(n, dtype=np.int64)
 
 
-def _sample(parts: list[str], counts: list[int], size: int, rng: np.random.Generator) -> np.ndarray:
-    """``size`` rows drawn uniformly without replacement across all parts (reads one part at a time)."""
+def _sample(parts: list[str], counts: list[int], size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` rows drawn uniformly without replacement across all parts (reads one part at a time): vectors and
+    their faiss ids."""
     total = sum(counts)
     chosen = np.sort(rng.choice(total, size=min(size, total), replace=False))
     offsets = np.cumsum([0, *counts])
-    rows = []
+    rows, fids = [], []
     for i, path in enumerate(parts):
         local = chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i]
         if len(local):
             rows.append(read_part(path)[1][local])
-    return np.concatenate(rows)
+            fids.append(faiss_ids(i, counts[i])[local])
+    if not rows:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(fids)
 
 
 @ray.remote
@@ -81,14 +85,14 @@ def _add_parts(trained: np.ndarray, parts: list[tuple[int, str]], queries: np.nd
             continue
         fids = faiss_ids(part_index, len(ids))
         fx.add(index, X, fids)
-        exact.append(fx.exact_topk(X, fids, queries, TUNE_K))
+        exact.append(fx.exact_topk(X, fids, queries, TUNE_K + 1))  # +1: queries are indexed (leave-one-out)
         if lsh.get("simhash"):
             codes.append(lsh_mod.SimHashLSH(**lsh["simhash"]).codes(X))
         if lsh.get("minhash"):
             hashes.append(lsh_mod.weighted_minhash(np.maximum(X, 0), **lsh["minhash"]))
         all_ids.extend(ids)
         all_fids.append(fids)
-    k = TUNE_K
+    k = TUNE_K + 1
     D, I = fx.merge_topk([e[0] for e in exact], [e[1] for e in exact], k) if exact else fx.exact_topk(
         np.zeros((0, queries.shape[1]), np.float32), np.zeros(0, np.int64), queries, k)
     return {
@@ -144,8 +148,8 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
     if train_size and train_size < fx.min_train_size(index):
         raise ValueError(f"{factory} needs at least {fx.min_train_size(index)} vectors to train; {n} available")
     _log(f"index: {n} vectors, dim {dim}, factory {factory} ({kind}), training on {train_size}")
-    fx.train(index, _sample(parts, ok_counts, train_size, rng) if train_size else None, seed)
-    Q = _sample(parts, ok_counts, min(queries, n), rng)
+    fx.train(index, _sample(parts, ok_counts, train_size, rng)[0] if train_size else None, seed)
+    Q, qids = _sample(parts, ok_counts, min(queries, n), rng)
     lsh_cfg = _lsh_config(lsh, dim, seed, simhash_tables, simhash_bits, minhash_perm)
     workers = workers or max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
     trained = ray.put(faiss.serialize_index(index))
@@ -153,8 +157,8 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
     _log(f"index: adding {len(parts)} parts with {len(groups)} Ray tasks")
     results = ray.get([_add_parts.remote(trained, g, Q, lsh_cfg) for g in groups])
     indexes = fx.merge([faiss.deserialize_index(r["index"]) for r in results], kind)
-    D, exact = fx.merge_topk([r["exact"][0] for r in results], [r["exact"][1] for r in results], TUNE_K)
-    tuning = fx.tune(indexes, Q, exact, TUNE_K, target_recall)
+    D, exact = fx.merge_topk([r["exact"][0] for r in results], [r["exact"][1] for r in results], TUNE_K + 1)
+    tuning = fx.tune(indexes, Q, exact, TUNE_K, target_recall, self_ids=qids)
     if tuning["param"] and not tuning.get("reached"):
         _log(f"index: warning: recall@{TUNE_K} {tuning[f'recall@{TUNE_K}']:.3f} at the largest {tuning['param']} "
              f"stays under the target {target_recall}")
@@ -166,7 +170,7 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
     try:
         files = _write_faiss(stage, indexes)
         pq.write_table(pa.table({"faiss_id": fids, "id": pa.array(ids, pa.string())}), os.path.join(stage, "ids.parquet"))
-        lsh_meta = _write_lsh(stage, lsh_cfg, results, ids, fids, dedup_threshold)
+        lsh_meta = _write_lsh(stage, lsh_cfg, results, ids, fids, dedup_threshold, Q, fx.drop_self(exact, qids, TUNE_K))
         if _crash_before_publish:
             raise RuntimeError("injected failure before publish (test hook)")
         manifest = {
@@ -212,7 +216,8 @@ def _write_faiss(stage: str, indexes: list[faiss.Index]) -> list[str]:
     return names
 
 
-def _write_lsh(stage: str, cfg: dict, results: list[dict], ids: list[str], fids: np.ndarray, threshold: float) -> dict:
+def _write_lsh(stage: str, cfg: dict, results: list[dict], ids: list[str], fids: np.ndarray, threshold: float,
+               Q: np.ndarray, exact: np.ndarray) -> dict:
     meta: dict = {}
     if not cfg:
         return meta
@@ -223,7 +228,11 @@ def _write_lsh(stage: str, cfg: dict, results: list[dict], ids: list[str], fids:
         codes = np.concatenate([r["codes"] for r in results if r["codes"] is not None])
         table = lsh_mod.SimHashLSH.from_codes(codes, fids, **cfg["simhash"])
         table.save(os.path.join(stage, "lsh", "simhash"))
-        meta["simhash"] = cfg["simhash"]
+        cands = table.candidates(Q)
+        meta["simhash"] = {**cfg["simhash"], f"candidate_recall@{TUNE_K}": lsh_mod.candidate_recall(exact, cands),
+                           "mean_candidates": float(np.mean([len(c) for c in cands]))}
+        _log(f"index: simhash candidate recall@{TUNE_K} {meta['simhash'][f'candidate_recall@{TUNE_K}']:.3f} "
+             f"with {meta['simhash']['mean_candidates']:.0f} candidates per query on average")
     if "minhash" in cfg:
         hashes = np.concatenate([r["hashes"] for r in results if r["hashes"] is not None])
         np.save(os.path.join(stage, "lsh", "minhash.npy"), hashes)

@@ -152,18 +152,33 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
     return float(np.mean(hits)) if hits else 1.0
 
 
-def tune(indexes: list[faiss.Index], Q: np.ndarray, exact_ids: np.ndarray, k: int, target: float) -> dict:
-    """Smallest nprobe/efSearch whose recall@k vs exact reaches ``target`` (else the best tried), with the sweep."""
+def drop_self(I: np.ndarray, self_ids: np.ndarray | None, k: int) -> np.ndarray:  # noqa: E741
+    """Leave-one-out: remove each query's own id from its result row, keep the first k."""
+    if self_ids is None:
+        return I[:, :k]
+    return np.stack([row[row != q][:k] for row, q in zip(I, self_ids)])
+
+
+def tune(indexes: list[faiss.Index], Q: np.ndarray, exact_ids: np.ndarray, k: int, target: float,
+         self_ids: np.ndarray | None = None) -> dict:
+    """Smallest nprobe/efSearch whose recall@k vs exact reaches ``target`` (else the best tried), with the sweep.
+
+    ``Q`` are indexed vectors (ids ``self_ids``) searched leave-one-out: each query's own id is dropped from both
+    result lists (``exact_ids`` holds k+1 columns), otherwise the trivially found self-match inflates recall.
+    """
+    exact = drop_self(exact_ids, self_ids, k)
+
+    def measure() -> float:
+        return recall_at_k(drop_self(search(indexes, Q, k + 1)[1], self_ids, k), exact, k)
+
     name, values = tune_param(indexes[0])
     if name is None:
-        recall = recall_at_k(search(indexes, Q, k)[1], exact_ids, k)
-        return {"param": None, "value": None, f"recall@{k}": recall, "target": target, "sweep": []}
+        return {"param": None, "value": None, f"recall@{k}": measure(), "target": target, "sweep": []}
     sweep = []
     for value in values:
         set_search_param(indexes, name, value)
-        recall = recall_at_k(search(indexes, Q, k)[1], exact_ids, k)
-        sweep.append({name: value, f"recall@{k}": recall})
-        if recall >= target:
+        sweep.append({name: value, f"recall@{k}": measure()})
+        if sweep[-1][f"recall@{k}"] >= target:
             break
     best = sweep[-1]
     set_search_param(indexes, name, best[name])
