@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lsh", default="simhash", choices=("simhash", "minhash", "both", "none"))
     p.add_argument("--workers", type=int, default=0, help="Ray add tasks (default: one per CPU, at most parts)")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 vs exact that nprobe is tuned to")
-    p.add_argument("--dedup-threshold", type=float, default=0.9, help="weighted Jaccard for near-duplicates")
+    p.add_argument("--dedup-threshold", type=float, default=0.9,
+                   help="weighted Jaccard over which two images are near-duplicates (--lsh minhash|both)")
+    p.add_argument("--minhash-perm", type=int, default=128, help="weighted MinHash samples per vector")
     p.add_argument("--ray-address", default=None)
 
     p = sub.add_parser("search", help="query an index by id or by image")
@@ -112,7 +114,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     store.read_manifest(args.embeddings)  # fail fast, before Ray starts
     init_ray(args.ray_address)
     manifest = build_index(args.embeddings, args.out, factory=args.faiss, lsh=args.lsh, workers=args.workers,
-                           target_recall=args.target_recall, dedup_threshold=args.dedup_threshold)
+                           target_recall=args.target_recall, dedup_threshold=args.dedup_threshold,
+                           minhash_perm=args.minhash_perm)
     print(json.dumps({k: manifest[k] for k in ("version", "count", "dim", "build_seconds")} |
                      {"faiss": {k: v for k, v in manifest["faiss"].items() if k != "tuning"}}))
     return 0
