@@ -110,3 +110,14 @@ def test_encode_job(head: RayHead, tmp_path: Path) -> None:
     import pyarrow.dataset as pads
 
     assert pads.dataset(str(out), format="parquet").count_rows() == 40, _explain(proc)
+
+    # The index stage as a second job on the same head, over what the first one wrote.
+    root = tmp_path / "index"
+    proc = _submit(head, "python", "jobs/build_index.py", "--embeddings", str(out), "--out", str(root),
+                   "--lsh", "both", "--workers", "2", working_dir=REPO)
+    _assert_succeeded(proc)
+    assert (root / "CURRENT").read_text().strip() == "v1", _explain(proc)
+    from attnpipe.index.search import SearchIndex
+
+    index = SearchIndex.load(str(root))
+    assert index.count == 40 and index.manifest["workers"] == 2
