@@ -30,6 +30,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/encode_throughput.py
+	$(BIN)/python bench/index_build.py
+	$(BIN)/python bench/lsh_minhash.py
 
 clean:
 	rm -rf $(VENV) attnpipe-demo
