@@ -207,11 +207,11 @@ def test_search_pads_and_thresholds():
 
 def test_save_load_round_trip(tmp_path):
     X = clustered(1000, 32, 8)
-    lsh = SimHashLSH(32, num_tables=6, bits=10, seed=9)
+    lsh = SimHashLSH(32, num_tables=6, bits=10, seed=9, center=X.mean(0))
     lsh.add(lsh.codes(X), np.arange(len(X)) * 7)
     lsh.save(str(tmp_path / "simhash"))
-    assert sorted(os.listdir(tmp_path / "simhash")) == ["codes.npy", "ids.npy", "pos.npy", "projections.npy",
-                                                        "simhash.json"]
+    assert sorted(os.listdir(tmp_path / "simhash")) == ["codes.npy", "ids.npy", "offsets.npy", "pos.npy",
+                                                        "projections.npy", "simhash.json"]
     for mmap in (False, True):
         back = SimHashLSH.load(str(tmp_path / "simhash"), mmap=mmap)
         assert back.params == lsh.params and len(back) == 1000
@@ -300,3 +300,26 @@ def test_near_duplicate_verification_matches_datasketch_jaccard():
         near_duplicate_groups_from_hashes(["a"] * 40, H)
     with pytest.raises(ValueError, match="num_perm"):
         near_duplicate_groups_from_hashes(ids, H, num_perm=128)
+
+
+def test_centering_separates_cone_shaped_data():
+    """ReLU-pooled embeddings sit in a narrow positive cone; centred hashing must recover recall there."""
+    rng = np.random.default_rng(3)
+    base = np.abs(rng.normal(size=(1, 64))) * 4
+    X = np.abs(base + clustered(3000, 64, 30, seed=3))  # positive, all within a narrow cone
+    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    Q = X[:200]
+    exact = np.argsort(-(Q @ X.T), axis=1)[:, 1:11]
+    plain = SimHashLSH(64, num_tables=16, bits=12, seed=0)
+    plain.add(plain.codes(X), np.arange(len(X)))
+    centred = SimHashLSH(64, num_tables=16, bits=12, seed=0, center=X.mean(0))
+    centred.add(centred.codes(X), np.arange(len(X)))
+    n_plain = np.mean([len(c) for c in plain.candidates(Q)])
+    n_centred = np.mean([len(c) for c in centred.candidates(Q)])
+    r_centred = candidate_recall(exact, centred.candidates(Q))
+    assert n_centred < 0.5 * n_plain, (n_plain, n_centred)  # buckets no longer hold most of the data
+    assert r_centred > 0.8, r_centred
+    # bit = (x - c) @ p > 0, computed through offsets
+    ref = ((X[:5] - X.mean(0)) @ centred.projections > 0).reshape(5, 16, 12)
+    weights = (1 << np.arange(12)).astype(np.uint64)
+    assert np.array_equal((ref.astype(np.uint64) * weights).sum(-1), centred.codes(X[:5]))

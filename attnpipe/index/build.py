@@ -151,6 +151,8 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
     fx.train(index, _sample(parts, ok_counts, train_size, rng)[0] if train_size else None, seed)
     Q, qids = _sample(parts, ok_counts, min(queries, n), rng)
     lsh_cfg = _lsh_config(lsh, dim, seed, simhash_tables, simhash_bits, minhash_perm)
+    if "simhash" in lsh_cfg:
+        lsh_cfg["simhash"]["center"] = Q.mean(axis=0).tolist()  # see SimHashLSH: centering against the cone
     workers = workers or max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
     trained = ray.put(faiss.serialize_index(index))
     groups = _split(parts, counts, workers)
@@ -190,8 +192,9 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
         shutil.rmtree(stage, ignore_errors=True)
         raise
     manifest = layout.load_manifest(root, version, verify=False)
-    _log(f"index: published {root}/{version}: {n} vectors, {tuning['param']}={tuning['value']}, "
-         f"recall@10 {tuning[f'recall@{TUNE_K}']:.3f}, {manifest['build_seconds']} s")
+    knob = f"{tuning['param']}={tuning['value']}, " if tuning["param"] else ""
+    _log(f"index: published {root}/{version}: {n} vectors, {knob}recall@10 {tuning[f'recall@{TUNE_K}']:.3f}, "
+         f"{manifest['build_seconds']} s")
     return manifest
 
 
@@ -229,7 +232,8 @@ def _write_lsh(stage: str, cfg: dict, results: list[dict], ids: list[str], fids:
         table = lsh_mod.SimHashLSH.from_codes(codes, fids, **cfg["simhash"])
         table.save(os.path.join(stage, "lsh", "simhash"))
         cands = table.candidates(Q)
-        meta["simhash"] = {**cfg["simhash"], f"candidate_recall@{TUNE_K}": lsh_mod.candidate_recall(exact, cands),
+        params = {k: v for k, v in cfg["simhash"].items() if k != "center"}
+        meta["simhash"] = {**params, "centered": True, f"candidate_recall@{TUNE_K}": lsh_mod.candidate_recall(exact, cands),
                            "mean_candidates": float(np.mean([len(c) for c in cands]))}
         _log(f"index: simhash candidate recall@{TUNE_K} {meta['simhash'][f'candidate_recall@{TUNE_K}']:.3f} "
              f"with {meta['simhash']['mean_candidates']:.0f} candidates per query on average")

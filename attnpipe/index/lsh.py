@@ -37,7 +37,7 @@ __all__ = ["SimHashLSH", "candidate_recall", "dedup_table", "near_duplicate_grou
 
 FORMAT = "attnpipe-simhash"
 FORMAT_VERSION = 1
-_FILES = ("projections", "codes", "pos", "ids")  # .npy files written by save()
+_FILES = ("projections", "offsets", "codes", "pos", "ids")  # .npy files written by save()
 
 
 class SimHashLSH:
@@ -48,15 +48,21 @@ class SimHashLSH:
         num_tables: L, tables queried together (more tables: more candidates, higher recall).
         bits: k sign bits per table, 1..64 (more bits: smaller buckets, fewer candidates).
         seed: seeds the projections (numpy ``default_rng``); equal settings give equal codes everywhere.
+        center: optional mean vector subtracted before hashing. Embeddings pooled from ReLU features live in a
+            narrow cone of the positive orthant, where few random hyperplanes separate them; centering spreads them
+            around the origin so the sign bits carry information (bit = ``(x - center) @ p > 0``).
     """
 
-    def __init__(self, dim: int, num_tables: int = 16, bits: int = 12, seed: int = 0):
+    def __init__(self, dim: int, num_tables: int = 16, bits: int = 12, seed: int = 0,
+                 center: np.ndarray | list[float] | None = None):
         if dim < 1 or num_tables < 1 or not 1 <= bits <= 64:
             raise ValueError(f"need dim >= 1, num_tables >= 1 and 1 <= bits <= 64; got {dim}, {num_tables}, {bits}")
         self.dim, self.num_tables, self.bits, self.seed = int(dim), int(num_tables), int(bits), int(seed)
         rng = np.random.default_rng(seed)
         # (dim, L * k): column l * k + b is bit b of table l
         self.projections = rng.uniform(-1.0, 1.0, size=(dim, num_tables * bits)).astype(np.float32)
+        c = np.zeros(dim, np.float32) if center is None else np.asarray(center, np.float32).reshape(dim)
+        self.offsets = c @ self.projections  # (L * k,): thresholds, so codes need no centered copy of X
         self._codes = np.zeros((num_tables, 0), np.uint64)  # (L, N) each table's codes, sorted
         self._pos = np.zeros((num_tables, 0), np.int64)  # (L, N) insertion position of each sorted code
         self._ids = np.zeros(0, np.int64)  # (N,) ids in insertion order
@@ -75,7 +81,7 @@ class SimHashLSH:
             raise ValueError(f"vectors have dim {X.shape[1]}, this LSH has dim {self.dim}")
         out = np.empty((len(X), self.num_tables), np.uint64)
         for s in range(0, len(X), batch_size):
-            bits = (X[s:s + batch_size] @ self.projections) > 0  # (b, L * k)
+            bits = (X[s:s + batch_size] @ self.projections) > self.offsets  # (b, L * k)
             bits = bits.reshape(-1, self.num_tables, self.bits)  # (b, L * k) -> (b, L, k)
             packed = np.packbits(bits, axis=-1, bitorder="little")  # (b, L, ceil(k / 8)) bytes, bit b -> byte b // 8
             padded = np.zeros((*packed.shape[:2], 8), np.uint8)
@@ -103,9 +109,9 @@ class SimHashLSH:
 
     @classmethod
     def from_codes(cls, codes: np.ndarray, ids: np.ndarray, dim: int, num_tables: int = 16, bits: int = 12,
-                   seed: int = 0) -> SimHashLSH:
+                   seed: int = 0, center: np.ndarray | list[float] | None = None) -> SimHashLSH:
         """Tables built once from the codes of all parts (concatenated in part order)."""
-        lsh = cls(dim, num_tables, bits, seed)
+        lsh = cls(dim, num_tables, bits, seed, center)
         lsh.add(codes, ids)
         return lsh
 
@@ -120,10 +126,11 @@ class SimHashLSH:
             raise ValueError("merge needs at least one SimHashLSH")
         first = parts[0]
         for p in parts[1:]:
-            if p.params != first.params or not np.array_equal(p.projections, first.projections):
+            same = np.array_equal(p.projections, first.projections) and np.array_equal(p.offsets, first.offsets)
+            if p.params != first.params or not same:
                 raise ValueError(f"cannot merge SimHashLSH with different settings: {p.params} vs {first.params}")
         merged = cls(**first.params)
-        merged.projections = first.projections
+        merged.projections, merged.offsets = first.projections, first.offsets
         merged.add(np.concatenate([p._insertion_codes() for p in parts]), np.concatenate([p._ids for p in parts]))
         return merged
 
@@ -204,7 +211,7 @@ class SimHashLSH:
     def save(self, path: str) -> None:
         """Write ``path/{projections,codes,pos,ids}.npy`` and ``path/simhash.json`` (last, via rename)."""
         os.makedirs(path, exist_ok=True)
-        arrays = dict(zip(_FILES, (self.projections, self._codes, self._pos, self._ids)))
+        arrays = dict(zip(_FILES, (self.projections, self.offsets, self._codes, self._pos, self._ids)))
         for name, arr in arrays.items():
             tmp = os.path.join(path, f".{name}.tmp.npy")
             np.save(tmp, arr, allow_pickle=False)
@@ -231,11 +238,12 @@ class SimHashLSH:
         arr = {n: np.load(os.path.join(path, f"{n}.npy"), mmap_mode="r" if mmap else None, allow_pickle=False)
                for n in _FILES}
         L, n = lsh.num_tables, meta["count"]
-        expected = {"projections": (lsh.dim, L * lsh.bits), "codes": (L, n), "pos": (L, n), "ids": (n,)}
+        expected = {"projections": (lsh.dim, L * lsh.bits), "offsets": (L * lsh.bits,), "codes": (L, n), "pos": (L, n),
+                    "ids": (n,)}
         for name, shape in expected.items():
             if arr[name].shape != shape:
                 raise ValueError(f"{path}/{name}.npy has shape {arr[name].shape}, simhash.json implies {shape}")
-        lsh.projections, lsh._codes, lsh._pos, lsh._ids = (arr[n] for n in _FILES)
+        lsh.projections, lsh.offsets, lsh._codes, lsh._pos, lsh._ids = (arr[n] for n in _FILES)
         return lsh
 
 
