@@ -2,7 +2,7 @@
 
     attnpipe sample --out data/ --format tar --n 400
     attnpipe encode --input data/ --out emb/ --set model.backbone=resnet50
-    attnpipe run                       # the demo: sample data + encode on a local Ray
+    attnpipe run                       # the demo: sample data -> encode -> index -> eval on a local Ray
 """
 
 from __future__ import annotations
@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default=None, help="a version such as v3 (default: CURRENT)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("eval", help="retrieval metrics, ANN/LSH vs exact, attention statistics, HTML report")
+    p.add_argument("--embeddings", required=True, help="gallery embeddings dataset")
+    p.add_argument("--index", required=True, help="index root built from it")
+    p.add_argument("--out", required=True, help="output directory: metrics.json, report.html")
+    p.add_argument("--queries", help="a second encoded dataset as queries (default: a gallery sample, leave-one-out)")
+    p.add_argument("--qrels", help="TREC qrels file (qid 0 docid rel) instead of same-label relevance")
+    p.add_argument("--num-queries", type=int, default=1000, help="gallery sample size when no --queries")
+    p.add_argument("--k", default="1,5,10,100", help="cut-offs, comma-separated")
+    p.add_argument("--depth", type=int, default=10_000, help="ranking depth (full ranking for smaller galleries)")
+    p.add_argument("--compare", nargs="*", default=[], help="other encodings of the same images (other heads)")
+    p.add_argument("--version", default=None, help="index version (default: CURRENT)")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("run", help="the whole pipeline; with no arguments, on a sample dataset it makes")
     p.add_argument("--workdir", default=DEMO_DIR, help=f"where data and outputs go (default ./{DEMO_DIR})")
     p.add_argument("--input", nargs="+", help="your shards instead of the generated sample")
@@ -134,9 +147,34 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
+    except ValueError:
+        raise ConfigError(f"--k expects comma-separated positive integers, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise ConfigError(f"--k expects comma-separated positive integers, got {text!r}")
+    return ks
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from attnpipe.evaluate.runner import evaluate, headline
+
+    ks = _ks(args.k)
+    metrics = evaluate(args.embeddings, args.index, args.out, queries=args.queries, qrels=args.qrels, ks=ks,
+                       num_queries=args.num_queries, depth=args.depth, seed=args.seed, compare=tuple(args.compare),
+                       version=args.version)
+    print(headline(metrics), file=sys.stderr)
+    print(json.dumps({"metrics": os.path.join(args.out, "metrics.json"),
+                      "report": os.path.join(args.out, "report.html"),
+                      "exact": metrics["exact"], "faiss": metrics.get("faiss"), "lsh": metrics.get("lsh")}))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from attnpipe.data.sample import make_sample
     from attnpipe.encode import encode
+    from attnpipe.evaluate.runner import evaluate, headline
     from attnpipe.index.build import build_index
 
     overrides = [*DEMO_SETTINGS, *args.overrides] if not args.config else args.overrides
@@ -152,12 +190,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = encode(inputs, emb, cfg, overwrite=True, ray_address=args.ray_address)
     root = os.path.join(args.workdir, "index")
     manifest = build_index(emb, root, lsh="both")
-    index = {"root": root, "version": manifest["version"], "count": manifest["count"],
-             "factory": manifest["faiss"]["factory"], "recall@10": manifest["faiss"]["recall@10"],
-             "lsh": {k: {m: v for m, v in meta.items() if m in ("candidate_recall@10", "mean_candidates", "groups")}
-                     for k, meta in manifest["lsh"].items()}}
-    print(json.dumps({"embeddings": summary, "index": index}))
-    print(f"try: attnpipe search --index {root} --id {_first_ok_id(emb)}", file=sys.stderr)
+    report_dir = os.path.join(args.workdir, "eval")
+    metrics = evaluate(emb, root, report_dir, num_queries=200)
+    print(json.dumps({"embeddings": summary,
+                      "index": {"root": root, "version": manifest["version"], "count": manifest["count"],
+                                "factory": manifest["faiss"]["factory"], "recall@10": manifest["faiss"]["recall@10"]},
+                      "eval": {k: metrics[k] for k in ("exact", "faiss", "lsh") if k in metrics}}))
+    print(f"\n{headline(metrics)}", file=sys.stderr)
+    print(f"report: {os.path.abspath(os.path.join(report_dir, 'report.html'))}", file=sys.stderr)
+    print(f"try:    attnpipe search --index {root} --id {_first_ok_id(emb)}", file=sys.stderr)
     return 0
 
 
@@ -166,7 +207,8 @@ def _first_ok_id(embeddings: str) -> str:
     return ids[0] if ids else "<id>"
 
 
-COMMANDS = {"sample": cmd_sample, "encode": cmd_encode, "index": cmd_index, "search": cmd_search, "run": cmd_run}
+COMMANDS = {"sample": cmd_sample, "encode": cmd_encode, "index": cmd_index, "search": cmd_search, "eval": cmd_eval,
+            "run": cmd_run}
 
 if __name__ == "__main__":
     sys.exit(main())

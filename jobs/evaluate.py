@@ -1,0 +1,11 @@
+"""`ray job submit --working-dir . -- python jobs/evaluate.py --embeddings DIR --index ROOT --out DIR [...]`.
+
+Same code path as `attnpipe eval` (metrics.json + report.html).
+"""
+
+import sys
+
+from attnpipe.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["eval", *sys.argv[1:]]))
