@@ -72,11 +72,13 @@ def evaluate(embeddings: str, index_root: str, out: str, queries: str | None = N
     """Run the whole evaluation and publish ``out/{metrics.json, report.html}`` atomically; returns the metrics."""
     from attnpipe.evaluate.report import write_report
 
+    if queries and compare:
+        raise ValueError("--compare evaluates gallery-sampled queries (leave-one-out); drop --queries to use it")
     start = time.perf_counter()
     gallery = Dataset.load(embeddings)
     index = SearchIndex.load(index_root, version)
-    q_ids, Q, self_rows = _queries(gallery, queries, num_queries, seed)
-    is_rel, num_rel = _relevance(gallery, q_ids, self_rows, queries, qrels)
+    q_ids, Q, q_labels, self_rows = _queries(gallery, queries, num_queries, seed)
+    is_rel, num_rel = _relevance(gallery, q_ids, q_labels, self_rows, qrels)
     depth = min(len(gallery.ids), max(depth, max(ks)))
     _log(f"eval: {len(q_ids)} queries vs {len(gallery.ids)} gallery vectors, depth {depth}"
          f"{', leave-one-out' if self_rows is not None else ''}")
@@ -119,15 +121,15 @@ def evaluate(embeddings: str, index_root: str, out: str, queries: str | None = N
 
 
 def _queries(gallery: Dataset, queries: str | None, n: int, seed: int):
-    """(query ids, vectors, row of each query in the gallery or None when the queries are another dataset)."""
+    """Query ids, vectors, labels, and each query's gallery row (None when the queries are another dataset)."""
     if queries:
         q = Dataset.load(queries)
-        return q.ids, q.X, None
+        return q.ids, q.X, q.labels, None
     rows = np.sort(np.random.default_rng(seed).choice(len(gallery.ids), size=min(n, len(gallery.ids)), replace=False))
-    return gallery.ids[rows], gallery.X[rows], rows
+    return gallery.ids[rows], gallery.X[rows], gallery.labels[rows], rows
 
 
-def _relevance(gallery: Dataset, q_ids, self_rows, queries: str | None, qrels: str | None):
+def _relevance(gallery: Dataset, q_ids, q_labels, self_rows, qrels: str | None):
     """A function rows (nq, depth) -> bool relevance, and R per query (self excluded when leave-one-out)."""
     if qrels:
         judged = read_qrels(qrels)
@@ -141,7 +143,6 @@ def _relevance(gallery: Dataset, q_ids, self_rows, queries: str | None, qrels: s
             return np.stack([np.isin(row, r) & (row >= 0) for row, r in zip(rows, rel_rows)])
 
         return is_rel, num_rel
-    q_labels = Dataset.load(queries).labels if queries else gallery.labels[self_rows]
     if all(lab is None for lab in q_labels) or all(lab is None for lab in gallery.labels):
         raise ValueError("relevance needs labels on queries and gallery, or a TREC qrels file (--qrels)")
     codes = {lab: c for c, lab in enumerate(sorted({x for x in gallery.labels if x is not None}))}
@@ -182,11 +183,12 @@ def _exact_rankings(X: np.ndarray, Q: np.ndarray, depth: int, self_rows) -> np.n
 def _rows_of_fids(index: SearchIndex, gallery: Dataset):
     """A vectorized map faiss ids -> gallery rows (-1 when unknown)."""
     row_of = {i: r for r, i in enumerate(gallery.ids)}
-    fid_rows = np.array([row_of.get(i, -1) for i in index._ids], np.int64)  # aligned with index._fids (sorted)
+    fids, ids = index.id_map
+    fid_rows = np.array([row_of.get(i, -1) for i in ids], np.int64)  # aligned with fids (sorted)
 
     def rows(I: np.ndarray) -> np.ndarray:  # noqa: E741
-        pos = np.clip(np.searchsorted(index._fids, I), 0, len(index._fids) - 1)
-        return np.where((I >= 0) & (index._fids[pos] == I), fid_rows[pos], -1)
+        pos = np.clip(np.searchsorted(fids, I), 0, len(fids) - 1)
+        return np.where((I >= 0) & (fids[pos] == I), fid_rows[pos], -1)
 
     return rows
 
@@ -276,7 +278,7 @@ def _compare_exact(ds: Dataset, q_ids, leave_one_out: bool, depth: int, ks, qrel
     row_of = {i: r for r, i in enumerate(ds.ids)}
     rows = np.array([row_of[q] for q in q_ids if q in row_of], np.int64)
     self_rows = rows if leave_one_out else None
-    is_rel, num_rel = _relevance(ds, ds.ids[rows], self_rows, None, qrels)
+    is_rel, num_rel = _relevance(ds, ds.ids[rows], ds.labels[rows], self_rows, qrels)
     return ranking_metrics(is_rel(_exact_rankings(ds.X, ds.X[rows], min(depth, len(ds.ids)), self_rows)), num_rel, ks)
 
 

@@ -56,6 +56,11 @@ class SearchIndex:
     def count(self) -> int:
         return int(self.manifest["count"])
 
+    @property
+    def id_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """(faiss ids sorted ascending, the string id of each): the content of ``ids.parquet``."""
+        return self._fids, self._ids
+
     def lookup(self, faiss_ids: np.ndarray) -> np.ndarray:
         """faiss ids -> string ids (None for -1)."""
         pos = np.clip(np.searchsorted(self._fids, faiss_ids), 0, len(self._fids) - 1)

@@ -1,0 +1,388 @@
+"""The evaluation report: ``metrics.json`` + plots + query cards -> one self-contained ``report.html``.
+
+Nothing in the page points outside it: CSS is inline and every picture is a ``data:image/png;base64`` URI, so the
+file can be mailed, archived or opened offline. Sections (each rendered only when its inputs exist): Summary,
+Recall@k curves, ANN trade-off, LSH, Attention, Heads comparison, Query grid. A tiny inline script records on load
+how many images decoded (``data-images-loaded`` / ``data-images-total`` on ``<body>``) for the browser test.
+
+Example::
+
+    write_report("out/eval/report.html", metrics, {"sweep": sweep, "entropy": {"attn": ent}}, cards)
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import secrets
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+from PIL import Image, ImageDraw, ImageOps
+
+SYSTEMS = ("exact", "faiss", "lsh")
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9"]  # Okabe-Ito: colour-blind safe
+COLORS = dict(zip(SYSTEMS, PALETTE))
+FAMILIES = ("precision", "recall", "hit_rate", "map", "ndcg")  # @k metrics, in table order
+SCALARS = ("map", "map@r", "r_precision", "mrr")
+ANN_ONLY = ("recall_vs_exact@", "qps", "latency_", "nprobe", "efSearch", "candidate_recall@", "mean_candidates")
+STATS = ("entropy", "peak", "top10_mass", "effective_area", "center_x", "center_y", "spread", "box_mass",
+         "pointing_game")
+THUMB = 128  # px, longest side of every card image
+RC: dict[Any, Any] = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
+                      "grid.alpha": 0.3, "axes.titleweight": "bold", "axes.titlesize": 10, "legend.frameon": False}
+
+CSS = """
+:root{--fg:#1d2433;--muted:#5d6878;--bg:#f5f6f8;--line:#e2e5ea;--accent:#0072B2;--ok:#1a9e5a;--bad:#d64545;
+--none:#a3aab4;--mono:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
+color:var(--fg);background:var(--bg)}
+header{background:#1c2638;color:#fff;padding:26px 40px 20px} header .ts{color:#aeb9cc;font-size:13px}
+header h1{margin:0;font-size:26px;font-weight:650;letter-spacing:-.01em}
+.facts{display:flex;flex-wrap:wrap;gap:8px;margin-top:14px} .fact b{color:#9cc8f5;font-weight:600;margin-right:6px}
+.fact{background:rgba(255,255,255,.07);border:1px solid rgba(255,255,255,.16);border-radius:6px;padding:3px 10px;
+font-size:13px;max-width:100%;overflow-wrap:anywhere}
+nav{position:sticky;top:0;z-index:1;background:#fff;border-bottom:1px solid var(--line);padding:8px 40px}
+nav a{color:var(--accent);text-decoration:none;margin-right:18px;font-size:14px}
+main{max-width:1240px;margin:0 auto;padding:4px 40px 48px}
+section{background:#fff;border:1px solid var(--line);border-radius:10px;padding:16px 24px 20px;margin:20px 0}
+h2{margin:0 0 10px;font-size:20px} h2 a{color:var(--line);text-decoration:none;margin-left:6px}
+h2:hover a{color:var(--accent)} h3{font-size:14px;margin:12px 0 6px;color:var(--muted);font-weight:600}
+table{border-collapse:collapse;font-size:13.5px;margin:4px 0}
+th,td{padding:4px 12px;border-bottom:1px solid var(--line);text-align:left}
+thead th{background:#eff1f4;font-weight:600} tbody th{font-weight:500} tbody tr:hover{background:#f8f9fb}
+.num{text-align:right} td.num{font-variant-numeric:tabular-nums;font-family:var(--mono)}
+td.best{font-weight:700;color:var(--accent)} img.fig{max-width:100%;height:auto}
+.row{display:flex;flex-wrap:wrap;gap:28px;align-items:flex-start} .note{color:var(--muted);font-size:13px}
+details{margin:6px 0} summary{cursor:pointer;color:var(--muted);font-size:14px}
+.scroll{max-height:420px;overflow:auto;display:inline-block}
+.q{display:flex;flex-wrap:wrap;gap:10px;padding:12px 0;border-bottom:1px solid var(--line)} .q:last-child{border:0}
+.tile{width:140px;font-size:12px;text-align:center} .sep{width:1px;background:var(--line);margin:0 4px}
+.tile img{width:134px;height:134px;object-fit:contain;background:#eef0f3;border:3px solid var(--none);border-radius:6px}
+.tile.query img{border-color:var(--accent)} .tile.ok img{border-color:var(--ok)} .tile.bad img{border-color:var(--bad)}
+.cap{white-space:nowrap;overflow:hidden;text-overflow:ellipsis} .sub{color:var(--muted);font-family:var(--mono)}
+.key span{display:inline-block;width:10px;height:10px;border-radius:2px;margin:0 4px 0 12px}
+"""
+
+# Counts decoded images on load; the browser test reads these attributes from the dumped DOM.
+SCRIPT = """<script>window.addEventListener("load",function(){var im=document.images,n=0;
+for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)n++;}
+document.body.dataset.imagesLoaded=n;document.body.dataset.imagesTotal=im.length;});</script>"""
+
+
+def write_report(path: str, metrics: dict, extras: dict, cards: list[dict], title: str = "attnpipe evaluation") -> str:
+    """Write the HTML report for one evaluation atomically (temp file + ``os.replace``) and return ``path``.
+
+    Args:
+        path: local file to write; its directory is created if needed.
+        metrics: the content of ``metrics.json``; absent sections (``faiss``, ``lsh``, ``attention``, ``heads``) and
+            absent keys are skipped, not errors.
+        extras: optional ``sweep`` (list of ``{nprobe|efSearch, recall_vs_exact@10, qps}``) and ``entropy``
+            (``{head: per-image normalized entropies}``).
+        cards: query cards (``query_id, label, image, attention, box, results``); unreadable or missing images
+            become placeholders.
+    """
+    metrics, extras = metrics or {}, extras or {}
+    sections = [("summary", "Summary", _summary(metrics)), ("curves", "Recall@k curves", _curves(metrics)),
+                ("ann", "ANN trade-off", _ann(metrics.get("faiss"), extras.get("sweep"))),
+                ("lsh", "LSH", _lsh(metrics.get("lsh"))),
+                ("attention", "Attention", _attention(metrics.get("attention"), extras.get("entropy"))),
+                ("heads", "Heads comparison", _heads(metrics.get("heads"))),
+                ("queries", "Query grid", _grid(cards or []))]
+    sections = [s for s in sections if s[2]]
+    meta = {k: _fmt(v) if _isnum(v) else v if isinstance(v, str) else json.dumps(v, default=str)
+            for k, v in (metrics.get("meta") or {}).items() if v is not None}
+    facts = "".join(f'<span class="fact"><b>{_e(k)}</b>{_e(v)}</span>' for k, v in meta.items())
+    nav = "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t, _ in sections)
+    body = "".join(f'<section id="{a}"><h2>{_e(t)}<a href="#{a}">#</a></h2>{h}</section>' for a, t, h in sections)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width,initial-scale=1"><title>{_e(title)}</title><style>{CSS}</style></head>'
+            f'<body><header><h1>{_e(title)}</h1><div class="ts">generated {stamp}</div>'
+            f'<div class="facts">{facts}</div></header><nav>{nav}</nav><main>{body}</main>{SCRIPT}</body></html>')
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:  # "x": mode 0o666 & ~umask, unlike mkstemp's 0o600
+            f.write(page)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _isnum(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fmt(v) -> str:
+    if not _isnum(v):
+        return "—"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    return f"{v:,.1f}" if abs(v) >= 1000 else f"{v:.4f}"
+
+
+def _ks(d: dict, family: str) -> list[int]:
+    """The k of every ``family@k`` key with a number (``map@r`` and the like are not k's)."""
+    pre = family + "@"
+    return sorted(int(k[len(pre):]) for k, v in d.items() if k.startswith(pre) and k[len(pre):].isdigit() and _isnum(v))
+
+
+def _order(dicts: list[dict]) -> list[str]:
+    """Metric names present in any of ``dicts``: @k families by k, then scalars, then anything else by name."""
+    keys = {k for d in dicts for k in d if not k.startswith(ANN_ONLY)}
+    out = [f"{f}@{k}" for f in FAMILIES for k in sorted({k for d in dicts for k in _ks(d, f)})]
+    out += [k for k in SCALARS if k in keys]
+    return out + sorted(keys - set(out))
+
+
+def _table(head: list[str], rows: list[list], best: bool = False) -> str:
+    """Rows are ``[name, value, ...]``; numbers right-aligned; with ``best`` the top value of each row is bold."""
+    th = "".join(f'<th{" class=num" if i else ""}>{_e(h)}</th>' for i, h in enumerate(head))
+    body = []
+    for name, *vals in rows:
+        nums = [v for v in vals if _isnum(v)]
+        top = max(nums) if best and len(nums) > 1 else None
+        tds = "".join(f'<td class="num{" best" if top is not None and v == top else ""}">{_fmt(v)}</td>' for v in vals)
+        body.append(f"<tr><th>{_e(name)}</th>{tds}</tr>")
+    return f'<table><thead><tr>{th}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _png(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _pyplot():
+    if "matplotlib.pyplot" not in sys.modules:  # never switch the backend under a process that already plots
+        matplotlib.use("Agg")  # headless; must precede the first pyplot import
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fig(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})  # no URL in metadata
+    _pyplot().close(fig)
+    return f'<img class="fig" alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _systems(metrics: dict) -> list[tuple[str, dict]]:
+    return [(s, metrics[s]) for s in SYSTEMS if isinstance(metrics.get(s), dict) and metrics[s]]
+
+
+def _summary(metrics: dict) -> str:
+    systems = _systems(metrics)
+    if not systems:
+        return ""
+    rows = [[k, *(d.get(k) for _, d in systems)] for k in _order([d for _, d in systems])]
+    return _table(["metric", *(s for s, _ in systems)], rows, best=True) + (
+        '<p class="note">Best value per row in bold. faiss at the tuned search parameter; lsh = SimHash candidates '
+        "re-ranked exactly.</p>")
+
+
+def _curves(metrics: dict) -> str:
+    systems = _systems(metrics)
+    fams = [f for f in ("recall", "precision") if any(_ks(d, f) for _, d in systems)]
+    if not fams:
+        return ""
+    with matplotlib.rc_context(RC):
+        fig, axes = _pyplot().subplots(1, len(fams), figsize=(4.8 * len(fams), 3.3), squeeze=False)
+        for ax, fam in zip(axes[0], fams):
+            allks = sorted({k for _, d in systems for k in _ks(d, fam)})
+            for name, d in systems:
+                if ks := _ks(d, fam):
+                    ax.plot(ks, [d[f"{fam}@{k}"] for k in ks], marker="o", color=COLORS[name], label=name, lw=2)
+            ax.set_xscale("log")
+            ax.set_xticks(allks, labels=[str(k) for k in allks])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set(xlabel="k", ylabel=f"{fam}@k", ylim=(0, 1.02), title=f"{fam}@k")
+            ax.legend()
+        return _fig(fig)
+
+
+def _ann(faiss: dict | None, sweep: list | None) -> str:
+    parts = []
+    pts = [p for p in sweep or [] if isinstance(p, dict)]
+    param = next((k for k in ("nprobe", "efSearch") if any(k in p for p in pts)), None)
+    rkey = next((k for p in pts for k in p if k.startswith("recall_vs_exact@")), None)
+    pts = sorted((p for p in pts if _isnum(p.get(rkey)) and _isnum(p.get("qps")) and p["qps"] > 0 and param in p),
+                 key=lambda p: p[param])
+    if pts:
+        tuned = (faiss or {}).get(param)
+        x, y = [p[rkey] for p in pts], [p["qps"] for p in pts]
+        with matplotlib.rc_context(RC):
+            fig, ax = _pyplot().subplots(figsize=(6.2, 3.6))
+            ax.plot(x, y, "-o", color=PALETTE[0], lw=2, ms=5)
+            for p in pts:
+                ax.annotate(str(p[param]), (p[rkey], p["qps"]), xytext=(5, 5), textcoords="offset points", fontsize=8)
+                if tuned is not None and p[param] == tuned:
+                    ax.scatter([p[rkey]], [p["qps"]], s=170, facecolors="none", edgecolors=PALETTE[3], lw=2,
+                               zorder=3, label=f"tuned {param}={tuned}")
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            comma = FuncFormatter(lambda v, _: f"{v:,.0f}")
+            ax.yaxis.set_major_formatter(comma)  # label minor ticks too when QPS spans less than a decade
+            ax.yaxis.set_minor_formatter(comma if max(y) < 10 * min(y) else NullFormatter())
+            ax.set(xlabel=rkey, ylabel="queries / s (log)", title=f"recall vs QPS, annotated with {param}")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="best")
+            parts.append(_fig(fig))
+        rows = [[p[param], p[rkey], p["qps"]] for p in pts]
+        parts.append("<h3>Sweep</h3>" + _table([str(param), str(rkey), "qps"], rows))
+    if faiss:
+        keys = [f"recall_vs_exact@{k}" for k in _ks(faiss, "recall_vs_exact")]
+        keys += [k for k in ("qps", "latency_ms_p50", "latency_ms_p99", "nprobe", "efSearch") if k in faiss]
+        if keys:
+            rows = [[k, faiss[k]] for k in keys]
+            parts.append("<h3>faiss at the tuned parameter</h3>" + _table(["metric", "value"], rows))
+    fig = parts.pop(0) if parts and parts[0].startswith("<img") else ""
+    return f'<div class="row">{fig}<div>{"".join(parts)}</div></div>' if fig or parts else ""
+
+
+def _lsh(lsh: dict | None) -> str:
+    lsh = lsh or {}
+    keys = [k for k in lsh if k.startswith(("candidate_recall@", "mean_candidates"))]
+    if not keys:
+        return ""
+    return _table(["lsh", "value"], [[k, lsh[k]] for k in sorted(keys)]) + (
+        '<p class="note">candidate_recall@k: share of the exact top-k found among the LSH candidates; '
+        "mean_candidates: candidates re-ranked per query.</p>")
+
+
+def _attention(att: dict | None, entropy: dict | None) -> str:
+    heads = {h: v for h, v in ((att or {}).get("heads") or {}).items() if isinstance(v, dict)}
+    parts = []
+    ent = {h: np.asarray(v, np.float64).ravel() for h, v in (entropy or {}).items() if v is not None}
+    ent = {h: np.clip(v[np.isfinite(v)], 0, 1) for h, v in ent.items()}
+    if any(len(v) for v in ent.values()):
+        with matplotlib.rc_context(RC):
+            fig, ax = _pyplot().subplots(figsize=(6.2, 3.2))
+            bins = np.linspace(0, 1, 41)
+            for i, (h, v) in enumerate((h, v) for h, v in ent.items() if len(v)):
+                c = PALETTE[i % len(PALETTE)]
+                ax.hist(v, bins=bins, histtype="stepfilled", alpha=0.18, color=c)
+                label = f"{h} (n={len(v)}, median {np.median(v):.3f})"
+                ax.hist(v, bins=bins, histtype="step", lw=2, color=c, label=label)
+            ax.set(xlabel="normalized attention entropy (0 = one position, 1 = uniform)", ylabel="images",
+                   xlim=(0, 1), title="attention entropy per head")
+            ax.legend()
+            parts.append(_fig(fig))
+    if heads:
+        overall = {h: info.get("overall") or {} for h, info in heads.items()}
+        stats = [s for s in STATS if any(s in o for o in overall.values())]
+        stats += sorted({s for o in overall.values() for s in o} - set(stats))
+        rows = [[h, info.get("count"), *(overall[h].get(s) for s in stats)] for h, info in heads.items()]
+        parts.append("<h3>Overall, per head</h3>" + _table(["head", "count", *stats], rows))
+        for h, info in heads.items():
+            per = info.get("per_label") or {}
+            if per:
+                rows = [[lab, per[lab].get("count"), *(per[lab].get(s) for s in stats)] for lab in sorted(per, key=str)]
+                parts.append(f"<details><summary>{_e(h)}: per label ({len(per)} labels)</summary>"
+                             f'<div class="scroll">{_table(["label", "count", *stats], rows)}</div></details>')
+    return "".join(parts)
+
+
+def _heads(heads: dict | None) -> str:
+    heads = {h: d for h, d in (heads or {}).items() if isinstance(d, dict) and d}
+    if not heads:
+        return ""
+    rows = [[k, *(d.get(k) for d in heads.values())] for k in _order(list(heads.values()))]
+    return _table(["metric", *heads], rows, best=True) + '<p class="note">Exact search, same queries.</p>'
+
+
+def _open(data: bytes | None) -> Image.Image | None:
+    """RGB image, decoded at reduced scale when the format allows (JPEG draft); original size in ``info["size0"]``."""
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            size0 = im.size
+            im.draft("RGB", (2 * THUMB, 2 * THUMB))  # a 12 MP JPEG decodes ~10x faster; no-op for PNG
+            out = im.convert("RGB")
+            out.info["size0"] = size0
+            return out
+    except (OSError, ValueError, Image.DecompressionBombError):  # unreadable bytes -> placeholder
+        return None
+
+
+def _placeholder(text: str) -> Image.Image:
+    img = Image.new("RGB", (THUMB, THUMB), (226, 229, 234))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, THUMB - 1, THUMB - 1], outline=(190, 195, 203))
+    w = draw.textlength(text)
+    draw.text(((THUMB - w) / 2, THUMB / 2 - 6), text, fill=(110, 118, 130))
+    return img
+
+
+def _overlay(img: Image.Image | None, attention, box) -> Image.Image:
+    """The thumbnail with the attention map (min-max scaled, bilinear to the image size) as an inferno heat-map."""
+    a = np.asarray(attention, np.float32)
+    if a.ndim != 2 or a.size == 0:
+        return _placeholder("no attention")
+    a = np.nan_to_num(a)
+    base = ImageOps.contain(img, (THUMB, THUMB)) if img is not None else Image.new("RGB", (THUMB, THUMB), (150,) * 3)
+    lo, hi = float(a.min()), float(a.max())
+    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    up = Image.fromarray(a).resize(base.size, Image.Resampling.BILINEAR)  # (h, w) -> (H, W) of the thumbnail
+    up = np.clip(np.asarray(up), 0, 1)
+    heat = matplotlib.colormaps["inferno"](up)[..., :3] * 255
+    out = Image.fromarray((0.5 * np.asarray(base, np.float32) + 0.5 * heat).astype(np.uint8))
+    if box is not None and len(box) == 4 and all(_isnum(v) for v in box):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        # Boxes are normalized (README); pixel boxes are scaled from the original image size when it is known.
+        sx, sy = (out.width, out.height) if max(x0, y0, x1, y1) <= 1.0 else (
+            (out.width / img.info["size0"][0], out.height / img.info["size0"][1]) if img is not None else (0, 0))
+        if sx:
+            ImageDraw.Draw(out).rectangle([x0 * sx, y0 * sy, x1 * sx - 1, y1 * sy - 1], outline=(0, 229, 255), width=2)
+    return out
+
+
+def _tile(img: Image.Image, cls: str, caption: str, sub: str = "") -> str:
+    return (f'<div class="tile {cls}"><img alt="{_e(caption)}" src="{_png(img)}">'
+            f'<div class="cap" title="{_e(caption)}">{_e(caption)}</div><div class="sub">{_e(sub)}</div></div>')
+
+
+def _grid(cards: list[dict]) -> str:
+    rows = []
+    for card in cards:
+        img = _open(card.get("image"))
+        thumb = ImageOps.contain(img, (THUMB, THUMB)) if img is not None else _placeholder("no image")
+        qid, label = str(card.get("query_id", "?")), card.get("label")
+        tiles = [_tile(thumb, "query", qid, f"label {label}" if label is not None else "query"),
+                 _tile(_overlay(img, card.get("attention"), card.get("box")) if card.get("attention") is not None
+                       else _placeholder("no attention"), "query", "attention",
+                       "box in cyan" if card.get("box") is not None else ""), '<div class="sep"></div>']
+        for r in card.get("results") or []:
+            rimg = _open(r.get("image"))
+            rel = None if r.get("relevant") is None else bool(r["relevant"])  # numpy bools too
+            tiles.append(_tile(ImageOps.contain(rimg, (THUMB, THUMB)) if rimg is not None else _placeholder("no image"),
+                               "ok" if rel is True else "bad" if rel is False else "", str(r.get("id", "?")),
+                               ("✓ " if rel is True else "✗ " if rel is False else "")
+                               + (f"{r['score']:.4f}" if _isnum(r.get("score")) else "")))
+        rows.append(f'<div class="q">{"".join(tiles)}</div>')
+    if not rows:
+        return ""
+    key = ('<p class="note key">Query, its attention map, then the top results by score. Border:'
+           '<span style="background:var(--ok)"></span>relevant<span style="background:var(--bad)"></span>not '
+           'relevant<span style="background:var(--none)"></span>unjudged</p>')
+    return key + "".join(rows)
