@@ -99,6 +99,5 @@ def test_leave_one_out_and_qrels(setup, tmp_path):
     qrels = tmp_path / "qrels.txt"
     lines = [f"g/{i} 0 g/{j} 1" for i in range(50) for j in np.flatnonzero(gy == gy[i])]
     qrels.write_text("\n".join(lines) + "\n")
-    mq = evaluate(str(root / "gallery"), str(root / "index"), str(tmp_path / "qrels"), qrels=str(qrels),
-                  num_queries=10_000)
+    mq = evaluate(str(root / "gallery"), str(root / "index"), str(tmp_path / "qrels"), qrels=str(qrels))
     assert mq["meta"]["relevance"] == "qrels" and mq["exact"]["queries"] == 50

@@ -77,8 +77,9 @@ def evaluate(embeddings: str, index_root: str, out: str, queries: str | None = N
     start = time.perf_counter()
     gallery = Dataset.load(embeddings)
     index = SearchIndex.load(index_root, version)
-    q_ids, Q, q_labels, self_rows = _queries(gallery, queries, num_queries, seed)
-    is_rel, num_rel = _relevance(gallery, q_ids, q_labels, self_rows, qrels)
+    judged = read_qrels(qrels) if qrels else None
+    q_ids, Q, q_labels, self_rows = _queries(gallery, queries, num_queries, seed, judged)
+    is_rel, num_rel = _relevance(gallery, q_ids, q_labels, self_rows, judged)
     depth = min(len(gallery.ids), max(depth, max(ks)))
     _log(f"eval: {len(q_ids)} queries vs {len(gallery.ids)} gallery vectors, depth {depth}"
          f"{', leave-one-out' if self_rows is not None else ''}")
@@ -120,27 +121,34 @@ def evaluate(embeddings: str, index_root: str, out: str, queries: str | None = N
     return metrics
 
 
-def _queries(gallery: Dataset, queries: str | None, n: int, seed: int):
-    """Query ids, vectors, labels, and each query's gallery row (None when the queries are another dataset)."""
+def _queries(gallery: Dataset, queries: str | None, n: int, seed: int, judged: dict | None):
+    """Query ids, vectors, labels, and each query's gallery row (None when the queries are another dataset).
+
+    Gallery-sampled queries are drawn from the rows that can have relevant items: all rows for label relevance,
+    the qrels' query ids for ``--qrels``.
+    """
     if queries:
         q = Dataset.load(queries)
         return q.ids, q.X, q.labels, None
-    rows = np.sort(np.random.default_rng(seed).choice(len(gallery.ids), size=min(n, len(gallery.ids)), replace=False))
+    pool = np.arange(len(gallery.ids)) if judged is None else np.flatnonzero([i in judged for i in gallery.ids])
+    if len(pool) == 0:
+        raise ValueError("no query id of the qrels file is in the gallery")
+    rows = np.sort(np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False))
     return gallery.ids[rows], gallery.X[rows], gallery.labels[rows], rows
 
 
-def _relevance(gallery: Dataset, q_ids, q_labels, self_rows, qrels: str | None):
-    """A function rows (nq, depth) -> bool relevance, and R per query (self excluded when leave-one-out)."""
-    if qrels:
-        judged = read_qrels(qrels)
+def _relevance(gallery: Dataset, q_ids, q_labels, self_rows, judged: dict | None):
+    """A function (rows (nq, depth), query subset) -> bool relevance, and R per query (self excluded in LOO)."""
+    if judged is not None:
         row_of = {i: r for r, i in enumerate(gallery.ids)}
         rel_rows = [np.array(sorted(row_of[d] for d in judged.get(q, ()) if d in row_of), np.int64) for q in q_ids]
         if self_rows is not None:
             rel_rows = [r[r != s] for r, s in zip(rel_rows, self_rows)]
         num_rel = np.array([len(r) for r in rel_rows])
 
-        def is_rel(rows: np.ndarray) -> np.ndarray:
-            return np.stack([np.isin(row, r) & (row >= 0) for row, r in zip(rows, rel_rows)])
+        def is_rel(rows: np.ndarray, q: np.ndarray | None = None) -> np.ndarray:
+            sets = rel_rows if q is None else [rel_rows[i] for i in q]
+            return np.stack([np.isin(row, r) & (row >= 0) for row, r in zip(rows, sets)])
 
         return is_rel, num_rel
     if all(lab is None for lab in q_labels) or all(lab is None for lab in gallery.labels):
@@ -152,8 +160,10 @@ def _relevance(gallery: Dataset, q_ids, q_labels, self_rows, qrels: str | None):
     num_rel = np.where(q_code >= 0, counts[np.clip(q_code, 0, None)], 0) - (self_rows is not None)
     num_rel = np.maximum(num_rel, 0)
 
-    def is_rel(rows: np.ndarray) -> np.ndarray:
-        return (rows >= 0) & (g_code[np.clip(rows, 0, None)] == q_code[:, None])
+    def is_rel(rows: np.ndarray, q: np.ndarray | None = None) -> np.ndarray:
+        """rows (nq, depth) of gallery rows (-1 = none) -> relevance; ``q`` selects a subset of the queries."""
+        codes_q = q_code if q is None else q_code[q]
+        return (rows >= 0) & (g_code[np.clip(rows, 0, None)] == codes_q[:, None])
 
     return is_rel, num_rel
 
@@ -278,14 +288,14 @@ def _compare_exact(ds: Dataset, q_ids, leave_one_out: bool, depth: int, ks, qrel
     row_of = {i: r for r, i in enumerate(ds.ids)}
     rows = np.array([row_of[q] for q in q_ids if q in row_of], np.int64)
     self_rows = rows if leave_one_out else None
-    is_rel, num_rel = _relevance(ds, ds.ids[rows], ds.labels[rows], self_rows, qrels)
+    is_rel, num_rel = _relevance(ds, ds.ids[rows], ds.labels[rows], self_rows, read_qrels(qrels) if qrels else None)
     return ranking_metrics(is_rel(_exact_rankings(ds.X, ds.X[rows], min(depth, len(ds.ids)), self_rows)), num_rel, ks)
 
 
 def _cards(gallery: Dataset, q_ids, Q, exact_rows, is_rel, self_rows, k: int = 5) -> list[dict]:
     """A few queries with their attention map and top-k exact results, with the original image bytes."""
-    picks = list(range(min(CARDS, len(q_ids))))
-    rel = is_rel(exact_rows[picks, :k]) if len(picks) else np.zeros((0, k), bool)
+    picks = np.arange(min(CARDS, len(q_ids)))
+    rel = is_rel(exact_rows[picks, :k], picks)
     wanted = {q_ids[i] for i in picks} | {gallery.ids[r] for i in picks for r in exact_rows[i, :k] if r >= 0}
     images = _fetch_images(gallery.path, wanted)
     cards = []
