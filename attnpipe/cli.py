@@ -195,11 +195,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(json.dumps({"embeddings": summary,
                       "index": {"root": root, "version": manifest["version"], "count": manifest["count"],
                                 "factory": manifest["faiss"]["factory"], "recall@10": manifest["faiss"]["recall@10"]},
-                      "eval": {k: metrics[k] for k in ("exact", "faiss", "lsh") if k in metrics}}))
+                      "eval": {"report": os.path.join(report_dir, "report.html"), **_headline_numbers(metrics)}}))
     print(f"\n{headline(metrics)}", file=sys.stderr)
     print(f"report: {os.path.abspath(os.path.join(report_dir, 'report.html'))}", file=sys.stderr)
     print(f"try:    attnpipe search --index {root} --id {_first_ok_id(emb)}", file=sys.stderr)
     return 0
+
+
+def _headline_numbers(metrics: dict) -> dict:
+    keep = ("map@r", "precision@1", "ndcg@10", "recall_vs_exact@10", "qps", "candidate_recall@10")
+    return {section: {k: round(v, 4) for k, v in metrics[section].items() if k in keep}
+            for section in ("exact", "faiss", "lsh") if section in metrics}
 
 
 def _first_ok_id(embeddings: str) -> str:
