@@ -71,7 +71,7 @@ class EncoderRunner:
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 ``(N, S, S, 3)`` -> embedding ``(N, D)``, attention ``(N, h, w)`` and per-image attention stats."""
-        x = torch.from_numpy(np.ascontiguousarray(pixels))
+        x = torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"]))  # Ray batches are read-only views
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float()  # (N, S, S, 3) -> (N, 3, S, S), a channels_last view
