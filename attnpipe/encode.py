@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -68,8 +68,8 @@ class EncodeActor:
         if ok.any():
             out = self.runner(batch["pixels"][ok])
             emb[ok], attn[ok] = out["embedding"], out["attention"].reshape(-1, pos)
-            for k in stats:
-                stats[k][ok] = out[k]
+            for k, column in stats.items():
+                column[ok] = out[k]
         box = np.stack(batch["box"]).astype(np.float32).reshape(n, 4)  # NaN rows: no box
         cols = {
             **{c: _strings(batch[c]) for c in ("id", "shard", "key", "label", "status", "error")},

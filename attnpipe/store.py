@@ -53,7 +53,7 @@ def schema(dim: int, positions: int, metadata: dict[str, str] | None = None) -> 
 
 def fixed_list(values: np.ndarray, valid: np.ndarray, type_: pa.DataType) -> pa.Array:
     """``(n, k)`` array -> ``fixed_size_list`` array, null where ``valid`` is False (no copy of the values)."""
-    n, k = values.shape
+    k = values.shape[1]
     flat = pa.array(values.reshape(-1), type=type_.value_type)
     mask = pa.array(~valid) if not valid.all() else None
     return pa.FixedSizeListArray.from_arrays(flat, k, mask=mask)

@@ -62,7 +62,7 @@ def bench_minhash(n: int, dim: int, num_perm: int, threads: list[int]) -> None:
         weighted_minhash(X[:8], num_perm, 1, device="cuda")
         runs.append(("weighted_minhash cuda", "cuda", 1))
     for name, device, t in runs:
-        secs, got = best_of(lambda: weighted_minhash(X, num_perm, 1, device=device, threads=t))
+        secs, got = best_of(lambda device=device, t=t: weighted_minhash(X, num_perm, 1, device=device, threads=t))
         print(f"{name:<40}{secs:9.3f}{n / secs:10,.0f}{loop_s / secs:10.1f}  {np.array_equal(got, ref)}")
 
 
@@ -75,10 +75,10 @@ def bench_simhash(n: int, dim: int, clusters: int, queries: int) -> None:
           f"{'search s':>10}")
     for tables, bits in SIMHASH_SETTINGS:
         lsh = SimHashLSH(dim, tables, bits, seed=0)
-        build_s, _ = best_of(lambda: SimHashLSH.from_codes(lsh.codes(X), np.arange(n), **lsh.params), 1)
+        build_s, _ = best_of(lambda lsh=lsh: SimHashLSH.from_codes(lsh.codes(X), np.arange(n), **lsh.params), 1)
         lsh.add(lsh.codes(X), np.arange(n))
         cands = lsh.candidates(Q)
-        search_s, (_, ids) = best_of(lambda: lsh.search(Q, X, k=10), 1)
+        search_s, (_, ids) = best_of(lambda lsh=lsh: lsh.search(Q, X, k=10), 1)
         found = np.mean([len(set(i) & set(e)) / 10 for i, e in zip(ids, exact)])
         print(f"{tables:6d}{bits:5d}{build_s:9.3f}{np.mean([len(c) for c in cands]):13.0f}"
               f"{candidate_recall(exact, cands):16.3f}{found:11.3f}{search_s:10.3f}")

@@ -102,7 +102,7 @@ def test_every_pooling_head_through_ray(ray_session, sample_inputs, tmp_path):
         out = str(tmp_path / head)
         summary = encode([sample_inputs["parquet"]], out, fast_config(f"model.pooling={head}"))
         assert summary["ok"] == 14, head
-        ids, X = store.load_vectors(out)
+        _, X = store.load_vectors(out)
         np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-5, err_msg=head)
         assert store.dataset_metadata(out)["attnpipe.pooling"] == head
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import numpy as np
@@ -92,7 +91,7 @@ def test_report_holds_its_plots(setup):
 
 
 def test_leave_one_out_and_qrels(setup, tmp_path):
-    root, _, (Q, qy, X, gy) = setup
+    root, _, (_, _, _, gy) = setup
     m = evaluate(str(root / "gallery"), str(root / "index"), str(tmp_path / "loo"), num_queries=300)
     assert m["meta"]["leave_one_out"] and m["meta"]["queries"] == 300
     assert m["exact"]["precision@1"] < 1.0  # the query itself is not counted

@@ -238,7 +238,7 @@ def test_attn_zeroed_scorer_is_avg_and_untrained_is_near_avg():
 def test_mha_head_count(channels, heads):
     head = build_pooling("mha", channels)
     assert head.mha.num_heads == heads
-    emb, attn = head(_x(c=channels, h=3, w=4))
+    emb, _ = head(_x(c=channels, h=3, w=4))
     assert emb.shape == (2, channels)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -185,7 +185,7 @@ def _exact_rankings(X: np.ndarray, Q: np.ndarray, depth: int, self_rows) -> np.n
     k = min(len(X), depth + extra)
     out = []
     for s in range(0, len(Q), QUERY_BATCH):
-        _, I = faiss.knn(Q[s : s + QUERY_BATCH], X, k, metric=faiss.METRIC_INNER_PRODUCT)  # noqa: E741
+        _, I = faiss.knn(Q[s : s + QUERY_BATCH], X, k, metric=faiss.METRIC_INNER_PRODUCT)
         out.append(_drop_self(I, self_rows[s : s + QUERY_BATCH] if extra else None, depth))
     return np.concatenate(out)
 
@@ -196,7 +196,7 @@ def _rows_of_fids(index: SearchIndex, gallery: Dataset):
     fids, ids = index.id_map
     fid_rows = np.array([row_of.get(i, -1) for i in ids], np.int64)  # aligned with fids (sorted)
 
-    def rows(I: np.ndarray) -> np.ndarray:  # noqa: E741
+    def rows(I: np.ndarray) -> np.ndarray:
         pos = np.clip(np.searchsorted(fids, I), 0, len(fids) - 1)
         return np.where((I >= 0) & (fids[pos] == I), fid_rows[pos], -1)
 
@@ -208,7 +208,7 @@ def _faiss_rows(index: SearchIndex, gallery: Dataset, Q: np.ndarray, k: int, sel
     extra = self_rows is not None
     out = []
     for s in range(0, len(Q), QUERY_BATCH):
-        _, I = fx.search(index.indexes, Q[s : s + QUERY_BATCH], k + extra)  # noqa: E741
+        _, I = fx.search(index.indexes, Q[s : s + QUERY_BATCH], k + extra)
         out.append(_drop_self(to_rows(I), self_rows[s : s + QUERY_BATCH] if extra else None, k))
     return np.concatenate(out)
 

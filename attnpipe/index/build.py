@@ -159,7 +159,7 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
     _log(f"index: adding {len(parts)} parts with {len(groups)} Ray tasks")
     results = ray.get([_add_parts.remote(trained, g, Q, lsh_cfg) for g in groups])
     indexes = fx.merge([faiss.deserialize_index(r["index"]) for r in results], kind)
-    D, exact = fx.merge_topk([r["exact"][0] for r in results], [r["exact"][1] for r in results], TUNE_K + 1)
+    _, exact = fx.merge_topk([r["exact"][0] for r in results], [r["exact"][1] for r in results], TUNE_K + 1)
     tuning = fx.tune(indexes, Q, exact, TUNE_K, target_recall, self_ids=qids)
     if tuning["param"] and not tuning.get("reached"):
         _log(f"index: warning: recall@{TUNE_K} {tuning[f'recall@{TUNE_K}']:.3f} at the largest {tuning['param']} "

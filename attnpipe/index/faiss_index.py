@@ -125,7 +125,7 @@ def search(indexes: list[faiss.Index], Q: np.ndarray, k: int) -> tuple[np.ndarra
 def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-shard top-k lists (higher score first); missing entries are -1 with score -inf."""
     D = np.concatenate(scores, axis=1)
-    I = np.concatenate(ids, axis=1)  # noqa: E741
+    I = np.concatenate(ids, axis=1)
     D = np.where(I < 0, -np.inf, D)
     order = np.argsort(-D, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
@@ -137,11 +137,11 @@ def exact_topk(X: np.ndarray, ids: np.ndarray, Q: np.ndarray, k: int) -> tuple[n
         return np.full((len(Q), k), -np.inf, np.float32), np.full((len(Q), k), -1, np.int64)
     D, I = faiss.knn(np.ascontiguousarray(Q, dtype=np.float32), np.ascontiguousarray(X, dtype=np.float32),
                      min(k, len(X)), metric=faiss.METRIC_INNER_PRODUCT)
-    I = np.where(I >= 0, ids[np.clip(I, 0, None)], -1)  # noqa: E741
+    I = np.where(I >= 0, ids[np.clip(I, 0, None)], -1)
     if I.shape[1] < k:
         pad = k - I.shape[1]
         D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
-        I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)  # noqa: E741
+        I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
     return D, I
 
 
@@ -152,7 +152,7 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
     return float(np.mean(hits)) if hits else 1.0
 
 
-def drop_self(I: np.ndarray, self_ids: np.ndarray | None, k: int) -> np.ndarray:  # noqa: E741
+def drop_self(I: np.ndarray, self_ids: np.ndarray | None, k: int) -> np.ndarray:
     """Leave-one-out: remove each query's own id from its result row, keep the first k."""
     if self_ids is None:
         return I[:, :k]

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -172,7 +173,7 @@ class SimHashLSH:
             order = np.lexsort((pos, -shared, q))
             q, pos = q[order], pos[order]
             bounds = np.searchsorted(q, np.arange(min(batch_size, len(qcodes) - s) + 1))
-            out.extend(self._ids[pos[a:b][:max_candidates]] for a, b in zip(bounds[:-1], bounds[1:]))
+            out.extend(self._ids[pos[a:b][:max_candidates]] for a, b in itertools.pairwise(bounds))
         return out
 
     def search(self, Q: np.ndarray, X_lookup: np.ndarray | Callable[[np.ndarray], np.ndarray], k: int = 10,
@@ -200,7 +201,7 @@ class SimHashLSH:
             V = np.asarray(lookup(uniq), dtype=np.float32).reshape(len(uniq), self.dim)
             V = V / np.maximum(np.linalg.norm(V, axis=1, keepdims=True), 1e-12)
             bounds = np.cumsum([0] + [len(c) for c in cands])
-            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            for i, (a, b) in enumerate(itertools.pairwise(bounds)):
                 sc = V[inv[a:b]] @ Qn[s + i]
                 keep = np.flatnonzero(sc >= threshold) if threshold is not None else np.arange(b - a)
                 top = keep[np.argsort(-sc[keep], kind="stable")[:k]]

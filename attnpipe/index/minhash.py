@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -124,7 +125,7 @@ def _hash_cpu(X32: np.ndarray, draws: tuple[np.ndarray, ...], threads: int) -> n
     if blocks > 1:  # numpy ufuncs release the GIL; one contiguous block of rows per thread
         bounds = np.linspace(0, n, blocks + 1).astype(int)
         with ThreadPoolExecutor(blocks) as pool:
-            list(pool.map(run, [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
+            list(pool.map(run, [range(a, b) for a, b in itertools.pairwise(bounds)]))
     else:
         run(range(n))
     return out

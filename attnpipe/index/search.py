@@ -73,7 +73,7 @@ class SearchIndex:
         if Q.shape[1] != self.manifest["dim"]:
             raise ValueError(f"query dim {Q.shape[1]} does not match the index dim {self.manifest['dim']}")
         Q = Q / np.maximum(np.linalg.norm(Q, axis=1, keepdims=True), 1e-12)
-        D, I = fx.search(self.indexes, Q, k)  # noqa: E741
+        D, I = fx.search(self.indexes, Q, k)
         names = self.lookup(I)
         return D, [[n for n in row if n is not None] for row in names]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -46,7 +46,7 @@ def _regnet(m: nn.Module) -> tuple[nn.Module, int]:
 
 @_family("convnext_", "efficientnet_", "mobilenet_v2", "mobilenet_v3")
 def _features(m: nn.Module) -> tuple[nn.Module, int]:
-    linear = [mod for mod in m.classifier.modules() if isinstance(mod, nn.Linear)][0]
+    linear = next(mod for mod in m.classifier.modules() if isinstance(mod, nn.Linear))
     return m.features, linear.in_features
 
 
