@@ -121,3 +121,13 @@ def test_encode_job(head: RayHead, tmp_path: Path) -> None:
 
     index = SearchIndex.load(str(root))
     assert index.count == 40 and index.manifest["workers"] == 2
+
+    # And the evaluation stage, the third job of the pipeline.
+    report = tmp_path / "eval"
+    proc = _submit(head, "python", "jobs/evaluate.py", "--embeddings", str(out), "--index", str(root),
+                   "--out", str(report), "--num-queries", "20", working_dir=REPO)
+    _assert_succeeded(proc)
+    import json
+
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["meta"]["queries"] == 20 and (report / "report.html").is_file(), _explain(proc)
