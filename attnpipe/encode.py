@@ -185,14 +185,16 @@ def _manifest(shards, parts: list[dict], cfg: Config) -> dict:
     by_shard: dict[str, list[dict]] = defaultdict(list)
     for p in parts:
         by_shard[p["shard"]].append(p)
+    entries = [
+        {**s.to_json(), "parts": sorted(p["file"] for p in by_shard[s.name]),
+         "rows": sum(p["rows"] for p in by_shard[s.name]), "ok": sum(p["ok"] for p in by_shard[s.name])}
+        for s in shards
+    ]
     return {
         "schema_version": store.SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"backbone": cfg.model.backbone, "pooling": cfg.model.pooling, "weights": cfg.model.weights,
                   "image_size": cfg.data.image_size},
-        "shards": [
-            {**s.to_json(), "parts": sorted(p["file"] for p in by_shard[s.name]),
-             "rows": sum(p["rows"] for p in by_shard[s.name]), "ok": sum(p["ok"] for p in by_shard[s.name])}
-            for s in shards
-        ],
+        "shards": entries,
+        **store.number_parts(entries),
     }

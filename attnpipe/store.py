@@ -116,6 +116,22 @@ def read_manifest(path: str) -> dict:
         return json.load(f)
 
 
+def part_numbers(manifest: dict) -> dict[str, int]:
+    """Each part file's number: stable across re-indexing (FAISS ids are ``part number << 32 | row``).
+
+    Manifests written before numbers existed get positional numbers over the sorted file names.
+    """
+    if "part_numbers" in manifest:
+        return dict(manifest["part_numbers"])
+    return {f: i for i, f in enumerate(sorted(p for s in manifest["shards"] for p in s["parts"]))}
+
+
+def number_parts(shards: list[dict], first: int = 0) -> dict:
+    """Manifest fields that number the parts of ``shards`` from ``first`` on, in sorted file order."""
+    files = sorted(p for s in shards for p in s["parts"])
+    return {"part_numbers": {f: first + i for i, f in enumerate(files)}, "next_part_number": first + len(files)}
+
+
 def read_embeddings(path: str, columns: list[str] | None = None, filter=None) -> pa.Table:
     """All rows of a published dataset (parts listed in the manifest only)."""
     manifest = read_manifest(path)
@@ -179,5 +195,5 @@ def write_vectors(out: str, ids: list[str], X: np.ndarray, labels: list[str | No
                        "fingerprint": f"synthetic:{s}:{len(rows)}", "parts": [part], "rows": len(rows),
                        "ok": len(rows)})
     write_json(os.path.join(stage, MANIFEST), {"schema_version": SCHEMA_VERSION, "model": {"backbone": model},
-                                               "shards": shards})
+                                               "shards": shards, **number_parts(shards)})
     publish(stage, out, overwrite=overwrite)

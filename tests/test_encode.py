@@ -80,6 +80,9 @@ def test_manifest_and_metadata(encoded, sample_inputs):
         assert s["fingerprint"] and s["parts"]
         for p in s["parts"]:
             assert p.startswith(f"part-{s['name']}-") and os.path.isfile(os.path.join(encoded, p))
+    numbers = manifest["part_numbers"]
+    assert set(numbers) == {p for s in manifest["shards"] for p in s["parts"]}
+    assert sorted(numbers.values()) == list(range(len(numbers))) == list(range(manifest["next_part_number"]))
     meta = store.dataset_metadata(encoded)
     assert meta["attnpipe.schema_version"] == "1"
     assert meta["attnpipe.model"] == "resnet18" and meta["attnpipe.embedding_dim"] == "512"

@@ -53,6 +53,9 @@ def test_ivf_recall_at_stored_nprobe(ivf_two_workers, vectors):
     assert manifest["faiss"]["factory"] == "IVF64,Flat" and manifest["faiss"]["files"] == ["faiss.index"]
     index = SearchIndex.load(root)
     assert index.indexes[0].ntotal == 10_000
+    fids, _ = index.id_map  # (part number << 32) | row, part numbers from the embeddings manifest
+    numbers = set(store.read_manifest(vectors[0])["part_numbers"].values())
+    assert set(np.unique(fids >> 32).tolist()) == numbers
     Q = held_out[:500]  # fresh queries, not the tuning sample
     _, got = index.search(Q, 10)
     exact = [[ids[j] for j in row] for row in _exact(X, Q)]

@@ -5,8 +5,9 @@ one per worker, each add their parts with ``add_with_ids`` and also compute the 
 sample against their parts and their LSH codes -> merge (IVF inverted lists / flat concatenation / graph shards)
 -> tune nprobe or efSearch to the target recall@10 vs exact -> write to staging, checksum, rename, move CURRENT.
 
-FAISS ids are ``(part index << 32) | row within the part's ok rows``: unique and known to each task without
-coordination; ``ids.parquet`` maps them to string ids.
+FAISS ids are ``(part number << 32) | row within the part's ok rows``: unique and known to each task without
+coordination, and stable while a part exists (part numbers live in the embeddings manifest, so an incremental
+update can remove or add whole parts by id); ``ids.parquet`` maps them to string ids.
 
 Example::
 
@@ -36,9 +37,10 @@ LSH_CHOICES = ("simhash", "minhash", "both", "none")
 TUNE_K = 10
 
 
-def part_paths(embeddings: str) -> list[str]:
-    manifest = store.read_manifest(embeddings)
-    return sorted(os.path.join(embeddings, p) for s in manifest["shards"] for p in s["parts"])
+def part_paths(embeddings: str) -> list[tuple[int, str]]:
+    """(part number, path) of every part, by number; the number is the high half of the part's FAISS ids."""
+    numbers = store.part_numbers(store.read_manifest(embeddings))
+    return sorted((n, os.path.join(embeddings, f)) for f, n in numbers.items())
 
 
 def read_part(path: str) -> tuple[list[str], np.ndarray]:
@@ -50,22 +52,24 @@ def read_part(path: str) -> tuple[list[str], np.ndarray]:
     return table.column("id").to_pylist(), X.astype(np.float32, copy=False)
 
 
-def faiss_ids(part_index: int, n: int) -> np.ndarray:
-    return (np.int64(part_index) << 32) | np.arange(n, dtype=np.int64)
+def faiss_ids(part_number: int, n: int) -> np.ndarray:
+    return (np.int64(part_number) << 32) | np.arange(n, dtype=np.int64)
 
 
-def _sample(parts: list[str], counts: list[int], size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``size`` rows drawn uniformly without replacement across all parts (reads one part at a time): vectors and
+def _sample(
+    parts: list[tuple[int, str]], counts: list[int], size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` rows drawn uniformly without replacement across all parts (one part read at a time): vectors and
     their faiss ids."""
     total = sum(counts)
     chosen = np.sort(rng.choice(total, size=min(size, total), replace=False))
     offsets = np.cumsum([0, *counts])
     rows, fids = [], []
-    for i, path in enumerate(parts):
+    for i, (number, path) in enumerate(parts):
         local = chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i]
         if len(local):
             rows.append(read_part(path)[1][local])
-            fids.append(faiss_ids(i, counts[i])[local])
+            fids.append(faiss_ids(number, counts[i])[local])
     if not rows:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     return np.concatenate(rows), np.concatenate(fids)
@@ -79,11 +83,11 @@ def _add_parts(trained: np.ndarray, parts: list[tuple[int, str]], queries: np.nd
 
     index = fx.to_gpu(faiss.deserialize_index(trained))
     all_ids, all_fids, exact, codes, hashes = [], [], [], [], []
-    for part_index, path in parts:
+    for part_number, path in parts:
         ids, X = read_part(path)
         if not ids:
             continue
-        fids = faiss_ids(part_index, len(ids))
+        fids = faiss_ids(part_number, len(ids))
         fx.add(index, X, fids)
         exact.append(fx.exact_topk(X, fids, queries, TUNE_K + 1))  # +1: queries are indexed (leave-one-out)
         if lsh.get("simhash"):
@@ -105,13 +109,13 @@ def _add_parts(trained: np.ndarray, parts: list[tuple[int, str]], queries: np.nd
     }
 
 
-def _split(parts: list[str], counts: list[int], workers: int) -> list[list[tuple[int, str]]]:
+def _split(parts: list[tuple[int, str]], counts: list[int], workers: int) -> list[list[tuple[int, str]]]:
     """Greedy balance of parts over workers by row count (largest first)."""
     groups: list[list[tuple[int, str]]] = [[] for _ in range(workers)]
     load = [0] * workers
     for i in sorted(range(len(parts)), key=lambda i: -counts[i]):
         w = int(np.argmin(load))
-        groups[w].append((i, parts[i]))
+        groups[w].append(parts[i])
         load[w] += counts[i]
     return [sorted(g) for g in groups if g]
 
@@ -135,8 +139,8 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
     for gone in layout.clean_leftovers(root):
         _log(f"index: removed {gone} left by a build that did not finish")
     parts = part_paths(embeddings)
-    counts = [pq.read_metadata(p).num_rows for p in parts]  # upper bound (error rows included)
-    ok_counts = [_ok_rows(p) for p in parts]
+    counts = [pq.read_metadata(p).num_rows for _, p in parts]  # upper bound (error rows included)
+    ok_counts = [_ok_rows(p) for _, p in parts]
     n = sum(ok_counts)
     if n == 0:
         raise ValueError(f"{embeddings} has no ok rows to index")
