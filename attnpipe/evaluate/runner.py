@@ -171,11 +171,11 @@ def _relevance(gallery: Dataset, q_ids, q_labels, self_rows, judged: dict | None
 def _drop_self(rows: np.ndarray, self_rows, depth: int) -> np.ndarray:
     if self_rows is None:
         return rows[:, :depth]
-    keep = rows != self_rows[:, None]
-    out = np.full((len(rows), depth), -1, np.int64)
-    for i in range(len(rows)):  # one boolean index per query; cheap next to the search itself
-        r = rows[i][keep[i]][:depth]
-        out[i, : len(r)] = r
+    drop = rows == self_rows[:, None]
+    order = np.argsort(drop, axis=1, kind="stable")  # kept entries first, in rank order; self (if any) last
+    out = np.take_along_axis(np.where(drop, -1, rows), order, 1)[:, :depth]
+    if out.shape[1] < depth:
+        out = np.pad(out, ((0, 0), (0, depth - out.shape[1])), constant_values=-1)
     return out
 
 
