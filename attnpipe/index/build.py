@@ -152,8 +152,11 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
     if train_size and train_size < fx.min_train_size(index):
         raise ValueError(f"{factory} needs at least {fx.min_train_size(index)} vectors to train; {n} available")
     _log(f"index: {n} vectors, dim {dim}, factory {factory} ({kind}), training on {train_size}")
-    fx.train(index, _sample(parts, ok_counts, train_size, rng)[0] if train_size else None, seed)
-    Q, qids = _sample(parts, ok_counts, min(queries, n), rng)
+    # One pass over the parts: the training sample, and the tuning queries drawn from it (or alone for Flat/HNSW).
+    S, sids = _sample(parts, ok_counts, max(train_size, min(queries, n)), rng)
+    fx.train(index, S[rng.permutation(len(S))[:train_size]] if train_size else None, seed)
+    pick = np.sort(rng.choice(len(S), size=min(queries, n), replace=False))
+    Q, qids = S[pick], sids[pick]
     lsh_cfg = _lsh_config(lsh, dim, seed, simhash_tables, simhash_bits, minhash_perm)
     if "simhash" in lsh_cfg:
         lsh_cfg["simhash"]["center"] = Q.mean(axis=0).tolist()  # see SimHashLSH: centering against the cone
