@@ -86,9 +86,10 @@ def evaluate(embeddings: str, index_root: str, out: str, queries: str | None = N
 
     exact_rows = _exact_rankings(gallery.X, Q, depth, self_rows)
     metrics: dict = {"exact": ranking_metrics(is_rel(exact_rows), num_rel, ks)}
-    faiss_section, sweep = _faiss_section(index, gallery, Q, self_rows, exact_rows, is_rel, num_rel, ks, depth)
+    to_rows = _rows_of_fids(index, gallery)  # faiss ids -> gallery rows, built once
+    faiss_section, sweep = _faiss_section(index, to_rows, Q, self_rows, exact_rows, is_rel, num_rel, ks, depth)
     metrics["faiss"] = faiss_section
-    lsh = _lsh_section(index, gallery, Q, self_rows, exact_rows, is_rel, num_rel, ks)
+    lsh = _lsh_section(index, to_rows, gallery.X, Q, self_rows, exact_rows, is_rel, num_rel, ks)
     if lsh:
         metrics["lsh"] = lsh
     heads, entropies = {}, {}
@@ -203,8 +204,7 @@ def _rows_of_fids(index: SearchIndex, gallery: Dataset):
     return rows
 
 
-def _faiss_rows(index: SearchIndex, gallery: Dataset, Q: np.ndarray, k: int, self_rows) -> np.ndarray:
-    to_rows = _rows_of_fids(index, gallery)
+def _faiss_rows(index: SearchIndex, to_rows, Q: np.ndarray, k: int, self_rows) -> np.ndarray:
     extra = self_rows is not None
     out = []
     for s in range(0, len(Q), QUERY_BATCH):
@@ -219,8 +219,8 @@ def _overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
     return float(np.mean(hits) / k)
 
 
-def _faiss_section(index, gallery, Q, self_rows, exact_rows, is_rel, num_rel, ks, depth):
-    rows = _faiss_rows(index, gallery, Q, depth, self_rows)
+def _faiss_section(index, to_rows, Q, self_rows, exact_rows, is_rel, num_rel, ks, depth):
+    rows = _faiss_rows(index, to_rows, Q, depth, self_rows)
     section = ranking_metrics(is_rel(rows), num_rel, ks)
     for k in ks:
         section[f"recall_vs_exact@{k}"] = _overlap(rows, exact_rows, k)
@@ -234,7 +234,7 @@ def _faiss_section(index, gallery, Q, self_rows, exact_rows, is_rel, num_rel, ks
         _, values = fx.tune_param(index.indexes[0])
         for v in [v for v in values if v <= max(tuned * 8, 16)][:10]:
             fx.set_search_param(index.indexes, param, v)
-            r = _faiss_rows(index, gallery, Q, 10, self_rows)
+            r = _faiss_rows(index, to_rows, Q, 10, self_rows)
             sweep.append({param: v, "recall_vs_exact@10": _overlap(r, exact_rows, 10),
                           "qps": _speed(index.indexes, Q, 10, latency=False)[0]})
         fx.set_search_param(index.indexes, param, tuned)
@@ -258,21 +258,20 @@ def _speed(indexes, Q: np.ndarray, k: int, latency: bool = True) -> tuple[float,
     return len(Q) / best, float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
 
 
-def _lsh_section(index, gallery, Q, self_rows, exact_rows, is_rel, num_rel, ks) -> dict | None:
+def _lsh_section(index, to_rows, X, Q, self_rows, exact_rows, is_rel, num_rel, ks) -> dict | None:
     """SimHash candidates (self removed) re-ranked by exact cosine; candidate recall of the exact top-10."""
     path = os.path.join(index.manifest["path"], "lsh", "simhash")
     if not os.path.isdir(path):
         return None
     from attnpipe.index.lsh import SimHashLSH
 
-    to_rows = _rows_of_fids(index, gallery)
     depth = max(ks)
     rows = np.full((len(Q), depth), -1, np.int64)
     found, sizes = [], []
     for i, fids in enumerate(SimHashLSH.load(path).candidates(Q)):
         cand = to_rows(np.asarray(fids, np.int64))
         cand = cand[(cand >= 0) & (cand != (self_rows[i] if self_rows is not None else -2))]
-        top = cand[np.argsort(-(gallery.X[cand] @ Q[i]), kind="stable")[:depth]]
+        top = cand[np.argsort(-(X[cand] @ Q[i]), kind="stable")[:depth]]
         rows[i, : len(top)] = top
         truth = exact_rows[i, :10][exact_rows[i, :10] >= 0]
         found.append(np.isin(truth, cand).mean() if len(truth) else 1.0)
