@@ -136,23 +136,39 @@ def encode(inputs: list[str], out: str, cfg: Config, overwrite: bool = False, ra
     init_ray(ray_address)
     staging = store.staging_dir(out)
     try:
-        sink = PartsDatasink(staging, cfg.encode.rows_per_file, _crash_after_parts)
-        build_dataset(shards, cfg).write_datasink(sink)
-        manifest = _manifest(shards, sink.parts, cfg)
-        with open(os.path.join(staging, store.CONFIG_FILE), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        entries = shard_entries(shards, write_parts(shards, staging, cfg, _crash_after_parts))
+        manifest = new_manifest(entries, cfg)
+        write_config(staging, cfg)
         store.write_json(os.path.join(staging, store.MANIFEST), manifest)
         store.publish(staging, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    seconds = time.perf_counter() - start
-    rows = sum(s["rows"] for s in manifest["shards"])
-    ok = sum(s["ok"] for s in manifest["shards"])
-    summary = {"out": os.path.abspath(out), "shards": len(shards), "rows": rows, "ok": ok, "error": rows - ok,
+    return summarize(entries, os.path.abspath(out), time.perf_counter() - start)
+
+
+def write_parts(shards, directory: str, cfg: Config, _crash_after_parts: int | None = None) -> list[dict]:
+    """Run the pipeline over ``shards``, writing Parquet parts into ``directory``; returns the parts written."""
+    sink = PartsDatasink(directory, cfg.encode.rows_per_file, _crash_after_parts)
+    build_dataset(shards, cfg).write_datasink(sink)
+    return sink.parts
+
+
+def write_config(directory: str, cfg: Config) -> None:
+    tmp = os.path.join(directory, f".{store.CONFIG_FILE}.tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, os.path.join(directory, store.CONFIG_FILE))
+
+
+def summarize(entries: list[dict], out: str, seconds: float) -> dict:
+    """The run summary of freshly encoded shard entries, also printed as one line on stderr."""
+    rows = sum(s["rows"] for s in entries)
+    ok = sum(s["ok"] for s in entries)
+    summary = {"out": out, "shards": len(entries), "rows": rows, "ok": ok, "error": rows - ok,
                "seconds": round(seconds, 2), "images_per_s": round(rows / seconds, 1) if seconds else 0.0}
-    print(f"encoded {rows} images from {len(shards)} shards: {ok} ok, {rows - ok} error "
-          f"in {seconds:.1f} s ({summary['images_per_s']} images/s) -> {summary['out']}", file=sys.stderr)
+    print(f"encoded {rows} images from {len(entries)} shards: {ok} ok, {rows - ok} error "
+          f"in {seconds:.1f} s ({summary['images_per_s']} images/s) -> {out}", file=sys.stderr)
     return summary
 
 
@@ -181,20 +197,31 @@ def _read_batch(batch: pa.Table, max_bytes: int) -> pa.Table:
     return pa.concat_tables([read_unit(u, max_bytes) for u in batch.to_pylist()])
 
 
-def _manifest(shards, parts: list[dict], cfg: Config) -> dict:
+def shard_entries(shards, parts: list[dict]) -> list[dict]:
+    """Manifest entries: each shard (with its fingerprint) and the part files, rows and ok rows it produced."""
     by_shard: dict[str, list[dict]] = defaultdict(list)
     for p in parts:
         by_shard[p["shard"]].append(p)
-    entries = [
+    return [
         {**s.to_json(), "parts": sorted(p["file"] for p in by_shard[s.name]),
          "rows": sum(p["rows"] for p in by_shard[s.name]), "ok": sum(p["ok"] for p in by_shard[s.name])}
         for s in shards
     ]
+
+
+def model_signature(cfg: Config) -> dict:
+    """What the embeddings depend on: another signature means every stored embedding is stale."""
+    m = cfg.model
+    return {"backbone": m.backbone, "pooling": m.pooling, "weights": m.weights,
+            "weights_fingerprint": weights_fingerprint(m.weights, m.backbone, m.seed),
+            "image_size": cfg.data.image_size}
+
+
+def new_manifest(entries: list[dict], cfg: Config, first_part: int = 0) -> dict:
     return {
         "schema_version": store.SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {"backbone": cfg.model.backbone, "pooling": cfg.model.pooling, "weights": cfg.model.weights,
-                  "image_size": cfg.data.image_size},
-        "shards": entries,
-        **store.number_parts(entries),
+        "model": model_signature(cfg),
+        "shards": sorted(entries, key=lambda e: e["name"]),
+        **store.number_parts(entries, first_part),
     }

@@ -129,3 +129,26 @@ def test_read_chunks_cover_folder(tmp_path):
     units = read_units(discover([str(tmp_path)]), folder_chunk=3)
     assert [len(u["files"]) for u in units] == [3, 3, 3, 1]
     assert os.path.isdir(units[0]["uri"])
+
+
+def test_fingerprint_is_a_content_hash_reused_when_stat_is_unchanged(tmp_path):
+    make_sample(str(tmp_path / "t"), fmt="tar", n=4, num_shards=2, image_size=48)
+    make_sample(str(tmp_path / "f"), fmt="folder", n=4, num_shards=1, image_size=48, prefix="fold")
+    first = {s.name: s for s in discover([str(tmp_path / "t"), str(tmp_path / "f")])}
+    assert all(s.fingerprint.startswith("blake2b:") for s in first.values())
+    known = {name: s.to_json() for name, s in first.items()}
+    known["shard-00000"]["fingerprint"] = "blake2b:remembered"  # reused: size+mtime unchanged, no re-hash
+    again = {s.name: s for s in discover([str(tmp_path / "t"), str(tmp_path / "f")], known)}
+    assert again["shard-00000"].fingerprint == "blake2b:remembered"
+    assert again["shard-00001"].fingerprint == first["shard-00001"].fingerprint
+    # a rewrite with identical bytes changes mtime, is re-hashed, and keeps its fingerprint
+    path = tmp_path / "t" / "shard-00001.tar"
+    os.utime(path, ns=(1, 1))
+    touched = {s.name: s for s in discover([str(tmp_path / "t")], known)}
+    assert touched["shard-00001"].stat != first["shard-00001"].stat
+    assert touched["shard-00001"].fingerprint == first["shard-00001"].fingerprint
+    # a folder member rewritten in place changes the folder's content hash
+    member = next(p for p in sorted((tmp_path / "f").rglob("*.jpg")))
+    member.write_bytes(member.read_bytes()[:-10] + b"0123456789")
+    folder = discover([str(tmp_path / "f")], known)[0]
+    assert folder.fingerprint != first[folder.name].fingerprint

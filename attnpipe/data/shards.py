@@ -19,14 +19,15 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 SHARD_EXTS = {".tar": "tar", ".parquet": "parquet"}
-_QUICK_HASH_BYTES = 1 << 16
+_HASH_THREADS = 8
 
 
 class InputError(ValueError):
@@ -40,7 +41,8 @@ class Shard:
     format: str  # folder | tar | parquet
     size: int
     mtime_ns: int
-    fingerprint: str
+    fingerprint: str  # content hash "blake2b:<hex>" ("" until hashed); see discover()
+    stat: str = ""  # size + mtime of the file, or of every member of a folder: unchanged stat -> reuse fingerprint
     files: tuple[str, ...] = field(default=(), repr=False)  # image-folder members, relative paths, sorted
 
     def to_json(self) -> dict:
@@ -56,8 +58,13 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-def discover(uris: list[str]) -> list[Shard]:
-    """Resolve input URIs into shards, sorted by name.
+def discover(uris: list[str], known: dict[str, dict] | None = None) -> list[Shard]:
+    """Resolve input URIs into shards with content fingerprints, sorted by name.
+
+    A shard's fingerprint is a BLAKE2b hash of its whole content (for an image folder: of every member's relative
+    path and bytes). Hashing reads the data once, so it is skipped when ``known`` (name -> a manifest entry with
+    ``stat`` and ``fingerprint``) has the shard with the same size, mtime and location: the known
+    fingerprint is reused, like ``git status`` or ``rsync`` do. Shards to hash are read by a thread pool.
 
     Raises:
         InputError: a path does not exist, holds no shard, or two shards share a name.
@@ -81,7 +88,32 @@ def discover(uris: list[str]) -> list[Shard]:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise InputError(f"shard names must be unique across inputs (ids are <shard>/<key>); repeated: {dupes}")
-    return sorted(shards, key=lambda s: s.name)
+    return sorted(_fingerprinted(shards, known or {}), key=lambda s: s.name)
+
+
+def _fingerprinted(shards: list[Shard], known: dict[str, dict]) -> list[Shard]:
+    def same(s: Shard) -> bool:
+        k = known.get(s.name) or {}
+        return (k.get("stat"), k.get("uri")) == (s.stat, s.uri) and bool(k.get("fingerprint"))
+
+    todo = [s for s in shards if not same(s)]
+    with ThreadPoolExecutor(min(_HASH_THREADS, max(len(todo), 1))) as pool:
+        hashed = dict(zip((s.name for s in todo), pool.map(content_hash, todo)))
+    return [replace(s, fingerprint=hashed.get(s.name) or known[s.name]["fingerprint"]) for s in shards]
+
+
+def content_hash(shard: Shard) -> str:
+    """BLAKE2b of a shard's bytes (a folder: each member's relative path, then its bytes, in sorted order)."""
+    fs, _ = filesystem(shard.uri)
+    h = hashlib.blake2b(digest_size=16)
+    paths = [shard.uri] if shard.format != "folder" else [posixpath.join(shard.uri, f) for f in shard.files]
+    for path in paths:
+        if shard.format == "folder":
+            h.update(f"{path[len(shard.uri):]}\0".encode())
+        with fs.open_input_stream(path) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return f"blake2b:{h.hexdigest()}"
 
 
 def _shards_in(fs: pafs.FileSystem, path: str, info: pafs.FileInfo, uri: str) -> list[Shard]:
@@ -103,7 +135,7 @@ def _shards_in(fs: pafs.FileSystem, path: str, info: pafs.FileInfo, uri: str) ->
 
 def _file_shard(fs: pafs.FileSystem, path: str, info: pafs.FileInfo, fmt: str) -> Shard:
     name = posixpath.basename(path).rsplit(".", 1)[0]
-    return Shard(name, path, fmt, info.size, _mtime_ns(info), _quick_hash(fs, path, info.size))
+    return Shard(name, path, fmt, info.size, _mtime_ns(info), "", f"{info.size}:{_mtime_ns(info)}")
 
 
 def _folder_shard(fs: pafs.FileSystem, path: str) -> Shard | None:
@@ -115,24 +147,12 @@ def _folder_shard(fs: pafs.FileSystem, path: str) -> Shard | None:
     if not images:
         return None
     images.sort(key=lambda i: i.path)
+    rel = tuple(i.path[len(prefix) :] for i in images)
     h = hashlib.blake2b(digest_size=16)
     for i in images:
         h.update(f"{i.path[len(prefix):]}\0{i.size}\0{_mtime_ns(i)}\n".encode())
-    rel = tuple(i.path[len(prefix) :] for i in images)
-    mtime = max(_mtime_ns(i) for i in images)
-    return Shard(posixpath.basename(path.rstrip("/")), path, "folder", sum(i.size for i in images), mtime,
-                 f"listing:{h.hexdigest()}", rel)
-
-
-def _quick_hash(fs: pafs.FileSystem, path: str, size: int) -> str:
-    """size + first and last 64 KiB: cheap to compute on the driver, catches in-place rewrites and truncation."""
-    h = hashlib.blake2b(digest_size=16)
-    with fs.open_input_file(path) as f:
-        h.update(f.read(_QUICK_HASH_BYTES))
-        if size > _QUICK_HASH_BYTES:
-            f.seek(max(size - _QUICK_HASH_BYTES, _QUICK_HASH_BYTES))
-            h.update(f.read())
-    return f"{size}:{h.hexdigest()}"
+    size, mtime = sum(i.size for i in images), max(_mtime_ns(i) for i in images)
+    return Shard(posixpath.basename(path.rstrip("/")), path, "folder", size, mtime, "", f"listing:{h.hexdigest()}", rel)
 
 
 def _mtime_ns(info: pafs.FileInfo) -> int:

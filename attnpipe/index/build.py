@@ -56,7 +56,7 @@ def faiss_ids(part_number: int, n: int) -> np.ndarray:
     return (np.int64(part_number) << 32) | np.arange(n, dtype=np.int64)
 
 
-def _sample(
+def sample_rows(
     parts: list[tuple[int, str]], counts: list[int], size: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """``size`` rows drawn uniformly without replacement across all parts (one part read at a time): vectors and
@@ -76,9 +76,12 @@ def _sample(
 
 
 @ray.remote
-def _add_parts(trained: np.ndarray, parts: list[tuple[int, str]], queries: np.ndarray, lsh: dict) -> dict:
-    """One worker: add its parts to a copy of the trained index; exact top-k of the queries over its parts; LSH."""
-    if lsh:
+def add_parts(trained: np.ndarray, parts: list[tuple[int, str]], queries: np.ndarray, lsh: dict) -> dict:
+    """One worker: add its parts to a copy of the trained index; exact top-k of the queries over its parts; LSH.
+
+    ``lsh`` may hold ``simhash`` (an empty ``SimHashLSH``: its projections hash the parts) and ``minhash`` settings.
+    """
+    if lsh.get("minhash"):
         from attnpipe.index import lsh as lsh_mod
 
     index = fx.to_gpu(faiss.deserialize_index(trained))
@@ -90,8 +93,8 @@ def _add_parts(trained: np.ndarray, parts: list[tuple[int, str]], queries: np.nd
         fids = faiss_ids(part_number, len(ids))
         fx.add(index, X, fids)
         exact.append(fx.exact_topk(X, fids, queries, TUNE_K + 1))  # +1: queries are indexed (leave-one-out)
-        if lsh.get("simhash"):
-            codes.append(lsh_mod.SimHashLSH(**lsh["simhash"]).codes(X))
+        if "simhash" in lsh:
+            codes.append(lsh["simhash"].codes(X))
         if lsh.get("minhash"):
             hashes.append(lsh_mod.weighted_minhash(np.maximum(X, 0), **lsh["minhash"]))
         all_ids.extend(ids)
@@ -109,7 +112,7 @@ def _add_parts(trained: np.ndarray, parts: list[tuple[int, str]], queries: np.nd
     }
 
 
-def _split(parts: list[tuple[int, str]], counts: list[int], workers: int) -> list[list[tuple[int, str]]]:
+def split_parts(parts: list[tuple[int, str]], counts: list[int], workers: int) -> list[list[tuple[int, str]]]:
     """Greedy balance of parts over workers by row count (largest first)."""
     groups: list[list[tuple[int, str]]] = [[] for _ in range(workers)]
     load = [0] * workers
@@ -140,11 +143,12 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
         _log(f"index: removed {gone} left by a build that did not finish")
     parts = part_paths(embeddings)
     counts = [pq.read_metadata(p).num_rows for _, p in parts]  # upper bound (error rows included)
-    ok_counts = [_ok_rows(p) for _, p in parts]
+    ok_counts = [ok_rows(p) for _, p in parts]
     n = sum(ok_counts)
     if n == 0:
         raise ValueError(f"{embeddings} has no ok rows to index")
     dim = int(store.dataset_metadata(embeddings)["attnpipe.embedding_dim"])
+    factory_auto = factory is None
     factory = factory or fx.default_factory(n, dim)
     index, kind = fx.make_index(factory, dim)
     rng = np.random.default_rng(seed)
@@ -153,18 +157,17 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
         raise ValueError(f"{factory} needs at least {fx.min_train_size(index)} vectors to train; {n} available")
     _log(f"index: {n} vectors, dim {dim}, factory {factory} ({kind}), training on {train_size}")
     # One pass over the parts: the training sample, and the tuning queries drawn from it (or alone for Flat/HNSW).
-    S, sids = _sample(parts, ok_counts, max(train_size, min(queries, n)), rng)
+    S, sids = sample_rows(parts, ok_counts, max(train_size, min(queries, n)), rng)
     fx.train(index, S[rng.permutation(len(S))[:train_size]] if train_size else None, seed)
     pick = np.sort(rng.choice(len(S), size=min(queries, n), replace=False))
     Q, qids = S[pick], sids[pick]
-    lsh_cfg = _lsh_config(lsh, dim, seed, simhash_tables, simhash_bits, minhash_perm)
-    if "simhash" in lsh_cfg:
-        lsh_cfg["simhash"]["center"] = Q.mean(axis=0).tolist()  # see SimHashLSH: centering against the cone
+    # SimHash centred on the query sample's mean: see SimHashLSH (centering against the ReLU cone)
+    lsh_cfg = lsh_config(lsh, dim, seed, simhash_tables, simhash_bits, minhash_perm, center=Q.mean(axis=0))
     workers = workers or max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
     trained = ray.put(faiss.serialize_index(index))
-    groups = _split(parts, counts, workers)
+    groups = split_parts(parts, counts, workers)
     _log(f"index: adding {len(parts)} parts with {len(groups)} Ray tasks")
-    results = ray.get([_add_parts.remote(trained, g, Q, lsh_cfg) for g in groups])
+    results = ray.get([add_parts.remote(trained, g, Q, lsh_cfg) for g in groups])
     indexes = fx.merge([faiss.deserialize_index(r["index"]) for r in results], kind)
     _, exact = fx.merge_topk([r["exact"][0] for r in results], [r["exact"][1] for r in results], TUNE_K + 1)
     tuning = fx.tune(indexes, Q, exact, TUNE_K, target_recall, self_ids=qids)
@@ -177,22 +180,23 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
     version = layout.next_version(root)
     stage = layout.staging(root, version)
     try:
-        files = _write_faiss(stage, indexes)
-        pq.write_table(pa.table({"faiss_id": fids, "id": pa.array(ids, pa.string())}), os.path.join(stage, "ids.parquet"))
-        lsh_meta = _write_lsh(stage, lsh_cfg, results, ids, fids, dedup_threshold, Q, fx.drop_self(exact, qids, TUNE_K))
+        files = write_faiss(stage, indexes)
+        write_ids(stage, fids, ids)
+        codes = [r["codes"] for r in results if r["codes"] is not None]
+        hashes = [r["hashes"] for r in results if r["hashes"] is not None]
+        lsh_meta = write_lsh(stage, lsh_cfg, codes, hashes, ids, fids, dedup_threshold, Q,
+                             fx.drop_self(exact, qids, TUNE_K))
         if _crash_before_publish:
             raise RuntimeError("injected failure before publish (test hook)")
         manifest = {
             "type": "attnpipe-index", "count": int(n), "dim": dim, "metric": "inner_product",
-            "faiss": {"factory": factory, "kind": kind, "files": files, tuning["param"] or "param": tuning["value"],
-                      "recall@10": tuning[f"recall@{TUNE_K}"], "target_recall": target_recall,
-                      "tuning": tuning["sweep"], "queries": len(Q), "train_size": train_size},
+            "faiss": {**faiss_meta(factory, kind, files, tuning, target_recall, len(Q)), "train_size": train_size,
+                      "factory_auto": factory_auto, "trained_count": int(n), "added_since_training": 0},
             "lsh": lsh_meta,
+            "update": {"mode": "full"},
             "workers": len(groups),
             "build_seconds": round(time.perf_counter() - start, 2),
-            "source": {"embeddings": os.path.abspath(embeddings), "model": src_manifest.get("model"),
-                       "shards": {s["name"]: s["fingerprint"] for s in src_manifest["shards"]},
-                       "manifest_sha256": layout.checksum(os.path.join(embeddings, store.MANIFEST))},
+            "source": source_info(embeddings, src_manifest),
         }
         layout.publish_version(root, stage, version, manifest)
     except BaseException:
@@ -205,29 +209,50 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
     return manifest
 
 
-def _ok_rows(path: str) -> int:
+def ok_rows(path: str) -> int:
     status = pq.read_table(path, columns=["status"]).column("status")
     return int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
 
 
-def _lsh_config(lsh: str, dim: int, seed: int, tables: int, bits: int, perm: int) -> dict:
-    cfg = {}
+def faiss_meta(factory: str, kind: str, files: list[str], tuning: dict, target_recall: float, queries: int) -> dict:
+    return {"factory": factory, "kind": kind, "files": files, tuning["param"] or "param": tuning["value"],
+            "recall@10": tuning[f"recall@{TUNE_K}"], "target_recall": target_recall, "tuning": tuning["sweep"],
+            "queries": queries}
+
+
+def source_info(embeddings: str, src_manifest: dict) -> dict:
+    """What a version was built from: the dataset, its model, shard fingerprints and part numbers (for updates)."""
+    return {"embeddings": os.path.abspath(embeddings), "model": src_manifest.get("model"),
+            "shards": {s["name"]: s["fingerprint"] for s in src_manifest["shards"]},
+            "parts": store.part_numbers(src_manifest),
+            "manifest_sha256": layout.checksum(os.path.join(embeddings, store.MANIFEST))}
+
+
+def write_ids(stage: str, fids: np.ndarray, ids: list[str]) -> None:
+    pq.write_table(pa.table({"faiss_id": fids, "id": pa.array(ids, pa.string())}), os.path.join(stage, "ids.parquet"))
+
+
+def lsh_config(lsh: str, dim: int, seed: int, tables: int, bits: int, perm: int, center: np.ndarray) -> dict:
+    cfg: dict = {}
     if lsh in ("simhash", "both"):
-        cfg["simhash"] = {"dim": dim, "num_tables": tables, "bits": bits, "seed": seed}
+        from attnpipe.index.lsh import SimHashLSH
+
+        cfg["simhash"] = SimHashLSH(dim, tables, bits, seed, center)
     if lsh in ("minhash", "both"):
         cfg["minhash"] = {"num_perm": perm, "seed": seed + 1}
     return cfg
 
 
-def _write_faiss(stage: str, indexes: list[faiss.Index]) -> list[str]:
+def write_faiss(stage: str, indexes: list[faiss.Index]) -> list[str]:
     names = ["faiss.index"] if len(indexes) == 1 else [f"faiss-{i}.index" for i in range(len(indexes))]
     for name, index in zip(names, indexes):
         faiss.write_index(index, os.path.join(stage, name))
     return names
 
 
-def _write_lsh(stage: str, cfg: dict, results: list[dict], ids: list[str], fids: np.ndarray, threshold: float,
-               Q: np.ndarray, exact: np.ndarray) -> dict:
+def write_lsh(stage: str, cfg: dict, codes: list[np.ndarray], hashes: list[np.ndarray], ids: list[str],
+              fids: np.ndarray, threshold: float, Q: np.ndarray, exact: np.ndarray) -> dict:
+    """SimHash tables from the codes and near-duplicate groups from the MinHashes, both in ``ids`` order."""
     meta: dict = {}
     if not cfg:
         return meta
@@ -235,19 +260,18 @@ def _write_lsh(stage: str, cfg: dict, results: list[dict], ids: list[str], fids:
 
     os.makedirs(os.path.join(stage, "lsh"))
     if "simhash" in cfg:
-        codes = np.concatenate([r["codes"] for r in results if r["codes"] is not None])
-        table = lsh_mod.SimHashLSH.from_codes(codes, fids, **cfg["simhash"])
+        table = cfg["simhash"].emptied()
+        table.add(np.concatenate(codes), fids)
         table.save(os.path.join(stage, "lsh", "simhash"))
         cands = table.candidates(Q)
-        params = {k: v for k, v in cfg["simhash"].items() if k != "center"}
-        meta["simhash"] = {**params, "centered": True, f"candidate_recall@{TUNE_K}": lsh_mod.candidate_recall(exact, cands),
+        meta["simhash"] = {**table.params, "centered": True, f"candidate_recall@{TUNE_K}": lsh_mod.candidate_recall(exact, cands),
                            "mean_candidates": float(np.mean([len(c) for c in cands]))}
         _log(f"index: simhash candidate recall@{TUNE_K} {meta['simhash'][f'candidate_recall@{TUNE_K}']:.3f} "
              f"with {meta['simhash']['mean_candidates']:.0f} candidates per query on average")
     if "minhash" in cfg:
-        hashes = np.concatenate([r["hashes"] for r in results if r["hashes"] is not None])
-        np.save(os.path.join(stage, "lsh", "minhash.npy"), hashes)
-        groups = lsh_mod.near_duplicate_groups_from_hashes(ids, hashes, threshold=threshold, **cfg["minhash"])
+        allh = np.concatenate(hashes)
+        np.save(os.path.join(stage, "lsh", "minhash.npy"), allh)
+        groups = lsh_mod.near_duplicate_groups_from_hashes(ids, allh, threshold=threshold, **cfg["minhash"])
         pq.write_table(lsh_mod.dedup_table(groups), os.path.join(stage, "lsh", "near_duplicates.parquet"))
         meta["minhash"] = {**cfg["minhash"], "threshold": threshold, "groups": len(groups),
                            "note": "weighted MinHash of max(embedding, 0)"}

@@ -159,6 +159,13 @@ def drop_self(I: np.ndarray, self_ids: np.ndarray | None, k: int) -> np.ndarray:
     return np.stack([row[row != q][:k] for row, q in zip(I, self_ids)])
 
 
+def measure_recall(indexes: list[faiss.Index], Q: np.ndarray, exact_ids: np.ndarray, k: int,
+                   self_ids: np.ndarray | None = None) -> float:
+    """recall@k vs exact at the current search parameter, leave-one-out when ``self_ids`` are given (see tune)."""
+    found = drop_self(search(indexes, Q, k + 1)[1], self_ids, k)
+    return recall_at_k(found, drop_self(exact_ids, self_ids, k), k)
+
+
 def tune(indexes: list[faiss.Index], Q: np.ndarray, exact_ids: np.ndarray, k: int, target: float,
          self_ids: np.ndarray | None = None) -> dict:
     """Smallest nprobe/efSearch whose recall@k vs exact reaches ``target`` (else the best tried), with the sweep.
@@ -166,10 +173,8 @@ def tune(indexes: list[faiss.Index], Q: np.ndarray, exact_ids: np.ndarray, k: in
     ``Q`` are indexed vectors (ids ``self_ids``) searched leave-one-out: each query's own id is dropped from both
     result lists (``exact_ids`` holds k+1 columns), otherwise the trivially found self-match inflates recall.
     """
-    exact = drop_self(exact_ids, self_ids, k)
-
     def measure() -> float:
-        return recall_at_k(drop_self(search(indexes, Q, k + 1)[1], self_ids, k), exact, k)
+        return measure_recall(indexes, Q, exact_ids, k, self_ids)
 
     name, values = tune_param(indexes[0])
     if name is None:

@@ -116,6 +116,16 @@ class SimHashLSH:
         lsh.add(codes, ids)
         return lsh
 
+    def emptied(self) -> SimHashLSH:
+        """A table with the same projections and offsets (so equal codes) and no entries."""
+        out = type(self)(**self.params)
+        out.projections, out.offsets = self.projections, self.offsets
+        return out
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(codes (N, num_tables), ids (N,))`` in insertion order: what ``add`` received."""
+        return self._insertion_codes(), np.asarray(self._ids)
+
     @classmethod
     def merge(cls, parts: Sequence[SimHashLSH]) -> SimHashLSH:
         """One LSH holding the entries of ``parts`` in order, equal to adding all their codes to one.
