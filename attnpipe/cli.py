@@ -16,6 +16,7 @@ from attnpipe import store
 from attnpipe.config import ConfigError, load_config
 from attnpipe.data.shards import InputError
 from attnpipe.index.layout import IndexLayoutError
+from attnpipe.lock import LockHeld
 
 DEMO_DIR = "attnpipe-demo"
 DEMO_SETTINGS = ("model.backbone=resnet18", "model.pooling=attn", "data.image_size=160")
@@ -84,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default=None, help="index version (default: CURRENT)")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("reindex", help="re-encode only changed shards and publish a new index version (for cron)")
+    p.add_argument("--input", nargs="+", required=True, help="all shards of the collection, as they are now")
+    p.add_argument("--embeddings", required=True, help="embeddings dataset, updated in place (created if missing)")
+    p.add_argument("--index", required=True, help="index root: versions v<N>/ and CURRENT (created if missing)")
+    p.add_argument("--faiss", default=None, help="faiss index_factory string (default: chosen from the count)")
+    p.add_argument("--lsh", default="simhash", choices=("simhash", "minhash", "both", "none"))
+    p.add_argument("--force", action="store_true", help="re-encode everything when the model settings changed")
+    p.add_argument("--keep", type=int, default=3, help="index versions to keep (default 3)")
+    p.add_argument("--max-growth", type=float, default=0.5,
+                   help="retrain the index when vectors added since its training exceed this fraction (0.5 = +50%%)")
+    p.add_argument("--workers", type=int, default=0, help="Ray index tasks (default: one per CPU)")
+    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 vs exact that nprobe is tuned to")
+    _config_args(p)
+
     p = sub.add_parser("run", help="the whole pipeline; with no arguments, on a sample dataset it makes")
     p.add_argument("--workdir", default=DEMO_DIR, help=f"where data and outputs go (default ./{DEMO_DIR})")
     p.add_argument("--input", nargs="+", help="your shards instead of the generated sample")
@@ -96,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, InputError, FileExistsError, FileNotFoundError, IndexLayoutError, KeyError, ValueError) as exc:
+    except (ConfigError, InputError, FileExistsError, FileNotFoundError, IndexLayoutError, KeyError, LockHeld,
+            ValueError) as exc:
         print(f"attnpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -171,6 +187,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reindex(args: argparse.Namespace) -> int:
+    """Ends with one JSON line on stdout: added/changed/removed/unchanged shard names, version, vectors, seconds."""
+    from attnpipe.reindex import reindex
+
+    cfg = load_config(args.config, args.overrides)
+    summary = reindex(args.input, args.embeddings, args.index, cfg, force=args.force, factory=args.faiss,
+                      lsh=args.lsh, keep=args.keep, max_growth=args.max_growth, workers=args.workers,
+                      target_recall=args.target_recall, ray_address=args.ray_address)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from attnpipe.data.sample import make_sample
     from attnpipe.encode import encode
@@ -214,7 +242,7 @@ def _first_ok_id(embeddings: str) -> str:
 
 
 COMMANDS = {"sample": cmd_sample, "encode": cmd_encode, "index": cmd_index, "search": cmd_search, "eval": cmd_eval,
-            "run": cmd_run}
+            "reindex": cmd_reindex, "run": cmd_run}
 
 if __name__ == "__main__":
     sys.exit(main())

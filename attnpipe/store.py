@@ -132,6 +132,41 @@ def number_parts(shards: list[dict], first: int = 0) -> dict:
     return {"part_numbers": {f: first + i for i, f in enumerate(files)}, "next_part_number": first + len(files)}
 
 
+def commit(directory: str, staging: str | None, manifest: dict) -> None:
+    """Update a dataset in place: move the staged parts in (invisible: not yet listed), then replace the manifest.
+
+    The manifest is the commit point: readers list parts from it, so they see the old or the new dataset, never a
+    mix. Parts the new manifest drops are named in its ``retired`` list and deleted by the next ``clean_dataset``
+    (one run of grace for readers still on the old manifest).
+    """
+    if staging:
+        for name in os.listdir(staging):
+            if name.startswith("part-"):
+                os.rename(os.path.join(staging, name), os.path.join(directory, name))
+        _fsync_dir(directory)
+    write_json(os.path.join(directory, MANIFEST), manifest)
+    if staging:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def clean_dataset(directory: str) -> list[str]:
+    """Remove what no manifest needs: staging dirs of dead runs, unlisted parts, parts retired by the last commit."""
+    if not os.path.isdir(directory):
+        return []
+    manifest = read_manifest(directory) if os.path.isfile(os.path.join(directory, MANIFEST)) else {"shards": []}
+    listed = {p for s in manifest["shards"] for p in s["parts"]}
+    gone = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.startswith(".staging-") and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(name)
+        elif name.startswith("part-") and name.endswith(".parquet") and name not in listed:
+            os.remove(path)
+            gone.append(name)
+    return gone
+
+
 def read_embeddings(path: str, columns: list[str] | None = None, filter=None) -> pa.Table:
     """All rows of a published dataset (parts listed in the manifest only)."""
     manifest = read_manifest(path)

@@ -73,6 +73,19 @@ def clean_leftovers(root: str) -> list[str]:
     return gone
 
 
+def prune(root: str, keep: int) -> list[str]:
+    """Delete the oldest versions beyond the newest ``keep`` (``CURRENT``'s is always kept); returns them."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 version, got {keep}")
+    live = current_version(root)
+    old = [v for v in versions(root)[:-keep] if v != live]
+    for v in old:
+        trash = os.path.join(root, f".{v}.staging-pruned")  # a rename first: readers never see half a version
+        os.rename(os.path.join(root, v), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return old
+
+
 def checksum(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

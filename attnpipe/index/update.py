@@ -37,6 +37,7 @@ import ray
 from attnpipe import store
 from attnpipe.index import build, layout
 from attnpipe.index import faiss_index as fx
+from attnpipe.runtime import init_ray
 
 DRIFT_TOLERANCE = 0.05
 
@@ -54,6 +55,8 @@ def plan_update(embeddings: str, root: str, factory: str | None = None, lsh: str
                 max_growth: float = 0.5) -> Plan:
     """Decide how the index under ``root`` must follow the embeddings dataset (see the module docstring)."""
     src = store.read_manifest(embeddings)
+    if not os.path.isfile(os.path.join(root, layout.CURRENT)):
+        return Plan("full", "first build: no live version yet")
     try:
         base = layout.load_manifest(root, verify=True)
     except layout.IndexLayoutError as exc:
@@ -93,10 +96,16 @@ def _lsh_kinds(lsh: str) -> set[str]:
 
 def refresh_index(embeddings: str, root: str, factory: str | None = None, lsh: str = "simhash",
                   max_growth: float = 0.5, workers: int = 0, target_recall: float = 0.95, queries: int = 1000,
-                  seed: int = 0, dedup_threshold: float = 0.9) -> tuple[dict | None, Plan]:
-    """Bring the index under ``root`` up to date with ``embeddings``; returns (new manifest or None, the plan)."""
+                  seed: int = 0, dedup_threshold: float = 0.9,
+                  ray_address: str | None = None) -> tuple[dict | None, Plan]:
+    """Bring the index under ``root`` up to date with ``embeddings``; returns (new manifest or None, the plan).
+
+    Starts (or joins) Ray only when there is work: a run with nothing to do stays cheap.
+    """
     plan = plan_update(embeddings, root, factory, lsh, max_growth)
     build._log(f"index: {plan.mode} update ({plan.reason})")
+    if plan.mode != "none":
+        init_ray(ray_address)
     if plan.mode == "incremental":
         manifest = update_index(embeddings, root, plan, workers, target_recall, queries, seed)
         if manifest is not None:

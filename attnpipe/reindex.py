@@ -1,0 +1,162 @@
+"""Scheduled, incremental re-indexing: re-encode only the shards that changed, then refresh the index.
+
+One run, under a lock on both the embeddings dataset and the index root:
+
+1. clean up what a killed run left (staging dirs, unlisted parts, index staging versions);
+2. discover the input shards and classify them against the embeddings manifest: added, changed (content hash
+   differs), removed, unchanged. A different model signature (backbone, pooling, weights, image size) makes every
+   stored embedding stale: the run refuses unless ``force`` is given, then re-encodes everything;
+3. encode added + changed shards into a staging dir inside the dataset, move the parts in and replace
+   ``_manifest.json`` (the commit point: readers see the old or the new dataset, never a mix; parts of changed
+   and removed shards leave the manifest and are deleted by the next run);
+4. refresh the index (``index.update``): nothing, incremental, or full — each new version verified before
+   ``CURRENT`` moves — and keep the newest ``keep`` versions.
+
+Killed at any moment, the dataset and ``CURRENT`` stay whole; the next run cleans up and finishes the work (if the
+kill fell after step 3, the index is still behind the manifest and is brought up to date without re-encoding).
+
+Example::
+
+    summary = reindex(["data/"], "out/emb", "out/index", load_config())
+    summary["added"], summary["version"], summary["vectors"]
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import uuid
+
+from attnpipe import store
+from attnpipe.config import Config, ConfigError
+from attnpipe.data.shards import Shard, discover
+from attnpipe.encode import model_signature, new_manifest, shard_entries, summarize, write_config, write_parts
+from attnpipe.index import layout
+from attnpipe.index.update import refresh_index
+from attnpipe.lock import exclusive
+from attnpipe.runtime import init_ray
+
+LOCK = ".reindex.lock"
+MODEL_KEYS = ("backbone", "pooling", "weights_fingerprint", "image_size")
+KILL_ENV = "ATTNPIPE_TEST_KILL_AT"  # tests: SIGKILL this process at a named step (see _step)
+
+
+def reindex(inputs: list[str], embeddings: str, root: str, cfg: Config, *, force: bool = False,
+            factory: str | None = None, lsh: str = "simhash", keep: int = 3, max_growth: float = 0.5,
+            workers: int = 0, target_recall: float = 0.95, ray_address: str | None = None) -> dict:
+    """Bring ``embeddings`` and the index under ``root`` up to date with ``inputs``; returns the run summary.
+
+    Raises:
+        InputError: an input is missing or holds no shard.
+        ConfigError: the model changed and ``force`` is False, or ``keep < 1``.
+        LockHeld: another reindex holds the dataset or the index root.
+    """
+    if keep < 1:
+        raise ConfigError(f"--keep must be >= 1 (versions to keep), got {keep}")
+    start = time.perf_counter()
+    os.makedirs(embeddings, exist_ok=True)
+    os.makedirs(root, exist_ok=True)
+    command = f"attnpipe reindex --embeddings {embeddings} --index {root}"
+    with exclusive(os.path.join(root, LOCK), command), exclusive(os.path.join(embeddings, LOCK), command):
+        for gone in store.clean_dataset(embeddings) + layout.clean_leftovers(root):
+            _log(f"removed {gone}: no longer listed (retired or left by a killed run)")
+        old = store.read_manifest(embeddings) if os.path.isfile(os.path.join(embeddings, store.MANIFEST)) else None
+        known = {s["name"]: s for s in old["shards"]} if old else {}
+        shards = discover(inputs, known)
+        stale = _model_change(old, cfg)
+        if stale and not force:
+            raise ConfigError(f"the embeddings in {embeddings} were made with {stale}; every shard would be "
+                              "re-encoded. Pass --force to do that, or restore the previous model settings")
+        changes = classify(shards, old, stale_model=bool(stale))
+        _log(_describe(changes) + (f" (model changed: {stale})" if stale else ""))
+        todo = [s for s in shards if s.name in changes["added"] + changes["changed"]]
+        if todo:
+            init_ray(ray_address)
+        encoded = _update_embeddings(embeddings, shards, todo, old, cfg)
+        _step("embeddings-committed")
+        manifest, plan = refresh_index(embeddings, root, factory=factory, lsh=lsh, max_growth=max_growth,
+                                       workers=workers, target_recall=target_recall, ray_address=ray_address)
+        live = manifest or layout.load_manifest(root, verify=False)
+        pruned = layout.prune(root, keep)
+        for v in pruned:
+            _log(f"removed index version {v} (keeping the newest {keep})")
+    return {**changes, "version": live["version"], "vectors": int(live["count"]),
+            "seconds": round(time.perf_counter() - start, 2), "encoded_images": encoded, "index_update": plan.mode,
+            "index_reason": plan.reason, "pruned": pruned}
+
+
+def classify(shards: list[Shard], old: dict | None, stale_model: bool = False) -> dict[str, list[str]]:
+    """Shard names by change against the previous manifest: added, changed, removed, unchanged."""
+    before = {s["name"]: s["fingerprint"] for s in (old or {}).get("shards", [])}
+    now = {s.name: s.fingerprint for s in shards}
+    return {
+        "added": sorted(n for n in now if n not in before),
+        "changed": sorted(n for n in now if n in before and (stale_model or before[n] != now[n])),
+        "removed": sorted(n for n in before if n not in now),
+        "unchanged": sorted(n for n in now if n in before and not stale_model and before[n] == now[n]),
+    }
+
+
+def _model_change(old: dict | None, cfg: Config) -> str:
+    """'' if the stored embeddings were made with ``cfg``'s model, else what differs."""
+    if old is None or not old.get("shards"):
+        return ""
+    was, now = old.get("model", {}), model_signature(cfg)
+    keys = [k for k in MODEL_KEYS if k in was] or ["backbone", "pooling", "weights", "image_size"]
+    diff = [f"{k}={was.get(k)!r} (now {now[k]!r})" for k in keys if was.get(k) != now[k]]
+    return ", ".join(diff)
+
+
+def _update_embeddings(embeddings: str, shards: list[Shard], todo: list[Shard], old: dict | None,
+                       cfg: Config) -> int:
+    """Encode ``todo`` into the dataset and commit the new manifest; returns the number of images encoded."""
+    old = old or {"shards": [], "next_part_number": 0}
+    current = {s.name: s for s in shards}
+    redo = {s.name for s in todo}
+    kept = [{**e, **current[e["name"]].to_json()} for e in old["shards"]
+            if e["name"] in current and e["name"] not in redo]  # stat may have moved: remember it
+    fresh: list[dict] = []
+    staging = None
+    if todo:
+        _log(f"encoding {len(todo)} shards: {', '.join(s.name for s in todo)}")
+        staging = os.path.join(embeddings, f".staging-{uuid.uuid4().hex[:8]}")
+        os.makedirs(staging)
+        t = time.perf_counter()
+        fresh = shard_entries(todo, write_parts(todo, staging, cfg))
+        summarize(fresh, os.path.abspath(embeddings), time.perf_counter() - t)
+    manifest = new_manifest(kept + fresh, cfg)
+    numbers = {f: n for f, n in store.part_numbers(old).items() if any(f in e["parts"] for e in kept)}
+    first = old.get("next_part_number", len(store.part_numbers(old)))
+    added = store.number_parts(fresh, first)
+    manifest["part_numbers"] = {**numbers, **added["part_numbers"]}
+    manifest["next_part_number"] = added["next_part_number"]
+    manifest["retired"] = sorted({p for e in old["shards"] for p in e["parts"]} - set(manifest["part_numbers"]))
+    if old["shards"] and _same_dataset(old, manifest) and not todo:
+        return 0
+    write_config(embeddings, cfg)
+    store.commit(embeddings, staging, manifest)
+    return sum(e["rows"] for e in fresh)
+
+
+def _same_dataset(old: dict, new: dict) -> bool:
+    def view(m: dict) -> tuple:
+        return sorted((e["name"], e["fingerprint"], e.get("stat"), tuple(e["parts"])) for e in m["shards"])
+
+    return view(old) == view(new) and old.get("model") == new.get("model")
+
+
+def _describe(changes: dict[str, list[str]]) -> str:
+    return "shards: " + ", ".join(f"{len(v)} {k}" for k, v in changes.items())
+
+
+def _step(name: str) -> None:
+    """Test hook: ``ATTNPIPE_TEST_KILL_AT=<step>`` SIGKILLs this process here (crash-safety tests)."""
+    if os.environ.get(KILL_ENV) == name:
+        _log(f"test hook: SIGKILL at {name}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _log(msg: str) -> None:
+    print(f"reindex: {msg}", file=sys.stderr, flush=True)
