@@ -168,9 +168,9 @@ def test_model_change_needs_force_and_retention(ray_session, small, capsys):
 
 def test_lock_refuses_live_owner_and_takes_over_dead_one(tmp_path):
     path = str(tmp_path / "x.lock")
-    with exclusive(path, command="first"), pytest.raises(LockHeld, match=r"first \(pid \d+ on .*started"):
-        with exclusive(path, command="second"):
-            pass
+    held = pytest.raises(LockHeld, match=r"first \(pid \d+ on .*started")
+    with exclusive(path, command="first"), held, exclusive(path, command="second"):
+        pass
     assert not os.path.exists(path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
