@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-encode everything when the model settings changed")
     p.add_argument("--keep", type=int, default=3, help="index versions to keep (default 3)")
     p.add_argument("--max-growth", type=float, default=0.5,
-                   help="retrain the index when vectors added since its training exceed this fraction (0.5 = +50%%)")
+                   help="retrain the index when vectors added since its training reach this fraction (0.5 = +50%%)")
     p.add_argument("--workers", type=int, default=0, help="Ray index tasks (default: one per CPU)")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 vs exact that nprobe is tuned to")
     _config_args(p)

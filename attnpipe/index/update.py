@@ -8,7 +8,7 @@
   the new parts are added by Ray tasks into copies of the *trained* previous index, then merged. SimHash codes and
   MinHashes of kept vectors are carried over; only new parts are hashed;
 * **full** — no live version, another dataset/model/factory, a graph index (no ``remove_ids``), the default factory
-  rule now picks another index for the new count, or the vectors added since the last training exceed
+  rule now picks another index for the new count, or the vectors added since the last training reach
   ``max_growth`` × the count it was trained on (default +50%: the quantizer was fit to other data).
 
 Every new version re-measures recall@10 against exact top-k over *all* current vectors and re-tunes nprobe. An
@@ -84,9 +84,9 @@ def plan_update(embeddings: str, root: str, factory: str | None = None, lsh: str
                             f"not {f['factory']}", base, new, retired)
     parts = dict(build.part_paths(embeddings))
     added = sum(build.ok_rows(parts[p]) for p in new) + f.get("added_since_training", 0)
-    if added > max_growth * f.get("trained_count", base["count"]):
+    if added >= max_growth * f.get("trained_count", base["count"]):
         return Plan("full", f"{added} vectors added since the index was trained on {f.get('trained_count')} "
-                            f"(> {max_growth:.0%})", base, new, retired)
+                            f"(>= {max_growth:.0%})", base, new, retired)
     return Plan("incremental", f"+{len(new)} / -{len(retired)} parts", base, new, retired)
 
 
