@@ -138,13 +138,17 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from attnpipe.index.build import build_index
+    from attnpipe.lock import exclusive
+    from attnpipe.reindex import LOCK
     from attnpipe.runtime import init_ray
 
     store.read_manifest(args.embeddings)  # fail fast, before Ray starts
-    init_ray(args.ray_address)
-    manifest = build_index(args.embeddings, args.out, factory=args.faiss, lsh=args.lsh, workers=args.workers,
-                           target_recall=args.target_recall, dedup_threshold=args.dedup_threshold,
-                           minhash_perm=args.minhash_perm)
+    os.makedirs(args.out, exist_ok=True)
+    with exclusive(os.path.join(args.out, LOCK), f"attnpipe index --out {args.out}"):  # not beside a reindex
+        init_ray(args.ray_address)
+        manifest = build_index(args.embeddings, args.out, factory=args.faiss, lsh=args.lsh, workers=args.workers,
+                               target_recall=args.target_recall, dedup_threshold=args.dedup_threshold,
+                               minhash_perm=args.minhash_perm)
     print(json.dumps({k: manifest[k] for k in ("version", "count", "dim", "build_seconds")} |
                      {"faiss": {k: v for k, v in manifest["faiss"].items() if k != "tuning"}}))
     return 0

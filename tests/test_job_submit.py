@@ -131,3 +131,15 @@ def test_encode_job(head: RayHead, tmp_path: Path) -> None:
 
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["meta"]["queries"] == 20 and (report / "report.html").is_file(), _explain(proc)
+
+    # Scheduled re-indexing as a fourth job: a shard disappeared, so it re-encodes nothing and updates the index.
+    (data / "shard-00001.tar").unlink()
+    proc = _submit(head, "python", "jobs/reindex.py", "--input", str(data), "--embeddings", str(out),
+                   "--index", str(root), "--lsh", "both", "--set", "model.backbone=resnet18",
+                   "--set", "data.image_size=64", working_dir=REPO)
+    _assert_succeeded(proc)
+    line = next(s for s in reversed(proc.stdout.splitlines()) if s.startswith('{"added"'))
+    summary = json.loads(line)
+    assert summary["removed"] == ["shard-00001"] and summary["encoded_images"] == 0, _explain(proc)
+    assert summary["version"] == "v2" and summary["vectors"] == 20 and summary["index_update"] == "incremental"
+    assert SearchIndex.load(str(root)).count == 20
