@@ -62,13 +62,14 @@ def plan_update(embeddings: str, root: str, factory: str | None = None, lsh: str
     except layout.IndexLayoutError as exc:
         return Plan("full", f"no usable live version ({exc})")
     source = base.get("source", {})
-    current = set(store.part_numbers(src).values())
     if "parts" not in source or source.get("embeddings") != os.path.abspath(embeddings):
         return Plan("full", "the live version was built from another dataset (or records no part numbers)", base)
     if source.get("model") != src.get("model"):
         return Plan("full", "the embeddings were made by another model", base)
-    built = set(source["parts"].values())
-    new, retired = sorted(current - built), sorted(built - current)
+    # Part files are uniquely named; a number whose file changed (a re-encoded dataset) is removed, then re-added.
+    built, current = source["parts"], store.part_numbers(src)
+    new = sorted({n for f, n in current.items() if built.get(f) != n})
+    retired = sorted({n for f, n in built.items() if current.get(f) != n})
     if _lsh_kinds(lsh) != set(base.get("lsh", {})):
         return Plan("full", f"--lsh {lsh} differs from the live version's LSH tables", base, new, retired)
     if not new and not retired:
