@@ -17,6 +17,7 @@ from attnpipe.config import ConfigError, load_config
 from attnpipe.data.shards import InputError
 from attnpipe.index.layout import IndexLayoutError
 from attnpipe.lock import LockHeld
+from attnpipe.train.command import add_train_arguments, run_train_command
 
 DEMO_DIR = "attnpipe-demo"
 DEMO_SETTINGS = ("model.backbone=resnet18", "model.pooling=attn", "data.image_size=160")
@@ -99,10 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 vs exact that nprobe is tuned to")
     _config_args(p)
 
+    p = sub.add_parser("train", help="fit the pooling head (and optionally the backbone's end) on labeled shards")
+    add_train_arguments(p)
+
     p = sub.add_parser("run", help="the whole pipeline; with no arguments, on a sample dataset it makes")
     p.add_argument("--workdir", default=DEMO_DIR, help=f"where data and outputs go (default ./{DEMO_DIR})")
     p.add_argument("--input", nargs="+", help="your shards instead of the generated sample")
     p.add_argument("--n", type=int, default=600, help="sample size when no --input is given")
+    p.add_argument("--train", action=argparse.BooleanOptionalAction, default=None,
+                   help="first fit the head with a short schedule (default: on for the generated sample, where it "
+                        "trains on a second sample of its own; with --input it trains on the input)")
     _config_args(p)
     return parser
 
@@ -218,6 +225,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             make_sample(data, fmt="tar", n=args.n, num_shards=4, image_size=128, broken=True)
             print(f"made a sample dataset of {args.n} images (+ a shard of broken ones) in {data}", file=sys.stderr)
         inputs = [data]
+    if args.train if args.train is not None else not args.input:
+        cfg = _demo_training(cfg, args)
     emb = os.path.join(args.workdir, "embeddings")
     summary = encode(inputs, emb, cfg, overwrite=True, ray_address=args.ray_address)
     root = os.path.join(args.workdir, "index")
@@ -234,6 +243,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_training(cfg, args: argparse.Namespace):
+    """Fit the head with a short schedule and return the config that encodes with it.
+
+    On the generated sample it trains on a second sample (another seed), so the evaluation is on unseen images.
+    """
+    import dataclasses
+
+    from attnpipe.data.sample import make_sample
+    from attnpipe.train import train_for_demo
+
+    if cfg.model.pooling not in ("attn", "mha", "gem") and cfg.train.unfreeze == "none":
+        print(f"run: model.pooling={cfg.model.pooling} has nothing to train; skipping training", file=sys.stderr)
+        return cfg
+    train_inputs = args.input
+    if not train_inputs:
+        train_inputs = [os.path.join(args.workdir, "train-data")]
+        if not os.path.isdir(train_inputs[0]):
+            make_sample(train_inputs[0], fmt="tar", n=args.n, num_shards=2, image_size=128, seed=1)
+    weights = train_for_demo(train_inputs, os.path.join(args.workdir, "head.safetensors"), cfg)
+    print(f"run: trained {cfg.model.pooling} head -> {weights}", file=sys.stderr)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=weights))
+
+
 def _headline_numbers(metrics: dict) -> dict:
     keep = ("map@r", "precision@1", "ndcg@10", "recall_vs_exact@10", "qps", "candidate_recall@10")
     return {section: {k: round(v, 4) for k, v in metrics[section].items() if k in keep}
@@ -246,7 +278,7 @@ def _first_ok_id(embeddings: str) -> str:
 
 
 COMMANDS = {"sample": cmd_sample, "encode": cmd_encode, "index": cmd_index, "search": cmd_search, "eval": cmd_eval,
-            "reindex": cmd_reindex, "run": cmd_run}
+            "reindex": cmd_reindex, "train": run_train_command, "run": cmd_run}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -25,6 +26,8 @@ class ConfigError(ValueError):
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 WEIGHTS_KEYWORDS = ("none", "default")
+UNFREEZE = ("none", "last", "all")
+LOSSES = ("normsoftmax",)
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,32 @@ class EncodeConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """``attnpipe train``: fitting the pooling head (and optionally the backbone's end) on labeled shards."""
+
+    epochs: int = 20
+    batch_size: int = 64  # global: split evenly across Ray Train workers
+    lr: float = 3e-3  # AdamW, head and class proxies
+    backbone_lr_scale: float = 0.1  # unfrozen backbone layers learn at lr * this (a pretrained trunk drifts slowly)
+    weight_decay: float = 1e-4
+    unfreeze: str = "none"  # none (train on cached feature maps) | last (the backbone's last stage) | all
+    loss: str = "normsoftmax"  # see attnpipe.train.objective
+    temperature: float = 0.05  # normsoftmax: logits = cos(embedding, class proxy) / temperature
+    ce_weight: float = 0.0  # auxiliary plain-softmax cross-entropy on the unnormalized embedding
+    attn_weight: float = 0.5  # attention regularizer: -log(mass in the object box), or an entropy target
+    attn_entropy: float = 0.5  # normalized-entropy target for images without a box
+    val_fraction: float = 0.2  # held-out share of every label, for per-epoch MAP@R and early stopping
+    patience: int = 5  # epochs without a better validation MAP@R before stopping; 0 = never stop early
+    workers: int = 0  # 0 = this process; N = Ray Train with N workers (one GPU each when the cluster has them)
+    seed: int = 0  # split, shuffling and proxy init
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,7 +126,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
             raise ConfigError(f"unknown config section {section!r}; allowed: {sorted(sections)}")
         if not isinstance(values, dict):
             raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
-        cls = {"model": ModelConfig, "data": DataConfig, "encode": EncodeConfig}[section]
+        cls = {"model": ModelConfig, "data": DataConfig, "encode": EncodeConfig, "train": TrainConfig}[section]
         kwargs[section] = _build_section(cls, section, values)
     return Config(**kwargs)
 
@@ -115,10 +140,25 @@ def _build_section(cls: type, section: str, values: dict[str, Any]) -> Any:
         expected = type(allowed[key].default)
         if expected is int and not (isinstance(value, int) and not isinstance(value, bool)):
             raise ConfigError(f"{section}.{key} must be an integer, got {value!r}")
+        if expected is float:
+            value = _as_float(f"{section}.{key}", value)
         if expected is str:
             value = "none" if value is None else str(value)
         out[key] = value
     return cls(**out)
+
+
+def _as_float(name: str, value: Any) -> float:
+    # YAML 1.1 reads "1e-3" (no dot) as a string, so numeric strings are accepted too; bools are not numbers here.
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return out
 
 
 def validate(cfg: Config) -> None:
@@ -152,6 +192,41 @@ def validate(cfg: Config) -> None:
     _positive("encode.rows_per_file", e.rows_per_file)
     _positive("encode.num_encoders", e.num_encoders, minimum=0)
     _positive("encode.threads", e.threads, minimum=0)
+    _validate_train(cfg.train)
+    _check_trained_weights(cfg)
+
+
+def _validate_train(t: TrainConfig) -> None:
+    if t.unfreeze not in UNFREEZE:
+        raise ConfigError(f"train.unfreeze={t.unfreeze!r}; allowed: {', '.join(UNFREEZE)}")
+    if t.loss not in LOSSES:
+        raise ConfigError(f"train.loss={t.loss!r}; allowed: {', '.join(LOSSES)}")
+    _positive("train.epochs", t.epochs)
+    _positive("train.batch_size", t.batch_size, minimum=2)
+    _positive("train.patience", t.patience, minimum=0)
+    _positive("train.workers", t.workers, minimum=0)
+    for name in ("lr", "temperature"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
+    for name in ("weight_decay", "ce_weight", "attn_weight", "backbone_lr_scale"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    if not 0 <= t.attn_entropy <= 1:
+        raise ConfigError(f"train.attn_entropy is a normalized entropy and must be in [0, 1], got {t.attn_entropy}")
+    if not 0 < t.val_fraction < 1:
+        raise ConfigError(f"train.val_fraction must be in (0, 1) (validation picks the best epoch), got {t.val_fraction}")
+
+
+def _check_trained_weights(cfg: Config) -> None:
+    """A trained-encoder artifact fixes backbone, pooling and image size; say which ``--set`` matches it."""
+    from attnpipe.models.artifact import ArtifactError, check_matches, read_sidecar
+
+    try:
+        meta = read_sidecar(cfg.model.weights)
+        if meta is not None:
+            check_matches(meta, cfg.model.backbone, cfg.model.pooling, cfg.data.image_size, cfg.model.weights)
+    except ArtifactError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _positive(name: str, value: int, minimum: int = 1) -> None:

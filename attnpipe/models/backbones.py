@@ -141,6 +141,27 @@ def _load_file(model: nn.Module, path: str) -> None:
         raise ValueError(f"weights file {path} does not fit {type(model).__name__}: {str(exc)[:300]}") from exc
 
 
+def last_stage(name: str, trunk: nn.Module) -> list[nn.Module]:
+    """The modules ``train.unfreeze=last`` trains: the backbone's last stage, the one that makes the feature map.
+
+    resnet/resnext/wide_resnet: ``layer4``; regnet: the last stage of ``trunk_output``; convnext, efficientnet and
+    mobilenet: ``features[-1]`` (convnext's last block stage; efficientnet's and mobilenet's final 1x1 conv);
+    densenet: ``denseblock4`` + ``norm5``; vit: the last encoder block + the final LayerNorm.
+
+    Raises:
+        ValueError: ``name`` is not a supported backbone.
+    """
+    if isinstance(trunk, _VitGrid):
+        return [trunk.vit.encoder.layers[-1], trunk.vit.encoder.ln]
+    if name.startswith("regnet_"):
+        return [trunk[1][-1]]
+    if name.startswith("densenet"):
+        return [trunk[0].denseblock4, trunk[0].norm5]
+    if _family_of(name) is None:
+        raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(list_backbones())}")
+    return [trunk[-1]]  # resnet trunk ends in layer4; the features families in features[-1]
+
+
 def weights_fingerprint(weights: str, backbone: str, seed: int) -> str:
     """A short id of the weights an encoder used, stored with every embedding dataset."""
     if weights == "none":

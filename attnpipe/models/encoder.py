@@ -2,7 +2,8 @@
 
 ``ImageEncoder`` is a plain ``nn.Module`` (used by the Ray encode actors, ``search --image`` and training);
 ``EncoderRunner`` wraps it for inference on one device: uint8 HWC batches in, numpy out, with the precision,
-memory format and host->device copies chosen for that device.
+memory format and host->device copies chosen for that device. ``model.weights`` may name a trained-encoder artifact
+(``attnpipe train`` output, see :mod:`attnpipe.models.artifact`): then the whole encoder, head included, comes from it.
 
 Example::
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnpipe.config import ModelConfig
+from attnpipe.models import artifact
 from attnpipe.models.backbones import build_backbone
 from attnpipe.models.pooling import attention_stats, build_pooling
 
@@ -28,17 +30,42 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageEncoder(nn.Module):
-    """Normalized images ``(B, 3, S, S)`` -> ``(embedding (B, D) unit-norm, attention (B, h, w))``."""
+    """Normalized images ``(B, 3, S, S)`` -> ``(embedding (B, D) unit-norm, attention (B, h, w))``.
+
+    Raises:
+        ValueError: unknown backbone/pooling or unusable weights; :class:`~attnpipe.models.artifact.ArtifactError`
+            (a ValueError) for an artifact trained for another backbone or head, or failing its fingerprint check.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.backbone, channels = build_backbone(cfg.backbone, cfg.weights, cfg.seed)
+        meta = artifact.read_sidecar(cfg.weights)
+        if meta is not None:
+            artifact.check_matches(meta, cfg.backbone, cfg.pooling, None, cfg.weights)
+            _check_normalization(meta, cfg.weights)
+        # An artifact holds the backbone too: build it empty (seeded), then load everything below.
+        self.backbone, channels = build_backbone(cfg.backbone, "none" if meta else cfg.weights, cfg.seed)
         self.head = build_pooling(cfg.pooling, channels, seed=cfg.seed)
-        self.dim = self.head.out_dim
+        self.dim: int = int(self.head.out_dim)
+        if meta is not None:
+            artifact.load_encoder_state(self, cfg.weights, meta)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb, attn = self.head(self.backbone(x))
         return F.normalize(emb.float(), dim=1), attn.float()
+
+
+def normalization() -> dict[str, list[float]]:
+    """The input normalization every encoder applies (uint8 / 255, then ImageNet mean/std), as saved in artifacts."""
+    return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+def _check_normalization(meta: dict, weights: str) -> None:
+    if meta["normalization"] != normalization():
+        raise artifact.ArtifactError(
+            f"{weights} was trained with input normalization {meta['normalization']}, but the encoder applies "
+            f"{normalization()}"
+        )
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
