@@ -108,6 +108,17 @@ def test_artifact_for_another_model_is_refused(quality):
         ImageEncoder(ModelConfig(backbone="resnet18", pooling="attn", weights=out))
 
 
+def _in_memory(trained_run: dict, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The in-memory model: a fresh encoder given the best epoch's weights as training kept them (the checkpoint)."""
+    state = torch.load(os.path.join(trained_run["checkpoint"], "state.pt"), weights_only=True)
+    trained = ImageEncoder(fast_config(*TINY).model).eval()
+    trained.load_state_dict(state["best"]["state"], strict=False)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        return trained(x)
+
+
 def test_artifact_reloads_to_the_trained_weights(tiny, tiny_trained):
     out = tiny_trained["weights"]
     meta = read_sidecar(out)
@@ -115,16 +126,10 @@ def test_artifact_reloads_to_the_trained_weights(tiny, tiny_trained):
     assert (meta["backbone"], meta["pooling"], meta["image_size"]) == ("resnet18", "attn", 64)
     assert meta["labels"] == tiny_trained["labels"] and len(meta["history"]) == 3 and meta["train"]["epochs"] == 3
     assert meta["source_weights"] == "random:resnet18:seed=0" and meta["normalization"]["std"][0] == 0.229
-    # the in-memory model: a fresh encoder given the best epoch's head as training kept it (the last checkpoint)
     state = torch.load(os.path.join(tiny_trained["checkpoint"], "state.pt"), weights_only=True)
     assert state["best"]["epoch"] == meta["best_epoch"]
-    trained = ImageEncoder(fast_config(*TINY).model).eval()
-    trained.load_state_dict(state["best"]["state"], strict=False)
     pixels = load_labeled([str(tiny / "data")], fast_config().data).pixels[:8]
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    with torch.inference_mode():
-        emb, attn = trained(x)
+    emb, attn = _in_memory(tiny_trained, pixels)
     loaded = EncoderRunner(ModelConfig(backbone="resnet18", pooling="attn", weights=out), precision="fp32")(pixels)
     np.testing.assert_allclose(loaded["embedding"], emb.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(loaded["attention"], attn.numpy(), atol=1e-5, rtol=0)
@@ -293,3 +298,20 @@ def test_plain_safetensors_with_a_foreign_json_stay_torchvision_weights(tmp_path
     assert read_sidecar(str(tmp_path / "r18.safetensors")) is None
     enc = ImageEncoder(ModelConfig(backbone="resnet18", weights=str(tmp_path / "r18.safetensors")))
     assert torch.equal(enc.backbone[0].weight, model.conv1.weight)
+
+
+def test_encode_job_with_the_artifact_writes_the_trained_embeddings(ray_session, tiny, tiny_trained, tmp_path):
+    """Saved -> loaded by the Ray encode stage -> Parquet embeddings equal the in-memory trained encoder's."""
+    from attnpipe import store
+    from attnpipe.encode import encode
+
+    out = tiny_trained["weights"]
+    images = load_labeled([str(tiny / "data")], fast_config().data)
+    expected = dict(zip(images.ids.tolist(), _in_memory(tiny_trained, images.pixels)[0].numpy()))
+
+    emb = str(tmp_path / "emb")
+    encode([str(tiny / "data")], emb, fast_config(*TINY, f"model.weights={out}"))
+    ids, X = store.load_vectors(emb)
+    assert sorted(ids) == sorted(expected)
+    np.testing.assert_allclose(X, np.stack([expected[i] for i in ids]), atol=1e-5, rtol=0)
+    assert store.dataset_metadata(emb)["attnpipe.weights"] == f"sha256:{read_sidecar(out)['sha256'][:16]}"
