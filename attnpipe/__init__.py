@@ -18,5 +18,19 @@ def encode(*args, **kwargs):
     return _encode(*args, **kwargs)
 
 
+def reindex(*args, **kwargs):
+    """See :func:`attnpipe.reindex.reindex` (imported lazily)."""
+    from attnpipe.reindex import reindex as _reindex
+
+    return _reindex(*args, **kwargs)
+
+
+def train_head(*args, **kwargs):
+    """See :func:`attnpipe.train.trainer.train_head` (imported lazily)."""
+    from attnpipe.train.trainer import train_head as _train_head
+
+    return _train_head(*args, **kwargs)
+
+
 __all__ = ["Config", "ConfigError", "InputError", "discover", "encode", "load_config", "load_vectors",
-           "read_embeddings", "read_manifest"]
+           "read_embeddings", "read_manifest", "reindex", "train_head"]
