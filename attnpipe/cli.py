@@ -90,9 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, help="all shards of the collection, as they are now")
     p.add_argument("--embeddings", required=True, help="embeddings dataset, updated in place (created if missing)")
     p.add_argument("--index", required=True, help="index root: versions v<N>/ and CURRENT (created if missing)")
-    p.add_argument("--faiss", default=None, help="faiss index_factory string (default: chosen from the count)")
-    p.add_argument("--lsh", default="simhash", choices=("simhash", "minhash", "both", "none"))
+    p.add_argument("--faiss", default=None,
+                   help="faiss index_factory string (default: the live version's, or chosen from the count)")
+    p.add_argument("--lsh", default=None, choices=("simhash", "minhash", "both", "none"),
+                   help="LSH tables (default: the live version's, or simhash)")
     p.add_argument("--force", action="store_true", help="re-encode everything when the model settings changed")
+    # without --config, the config saved with the embeddings (_config.yaml) is the base
     p.add_argument("--keep", type=int, default=3, help="index versions to keep (default 3)")
     p.add_argument("--max-growth", type=float, default=0.5,
                    help="retrain the index when vectors added since its training reach this fraction (0.5 = +50%%)")
@@ -202,7 +205,12 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     """Ends with one JSON line on stdout: added/changed/removed/unchanged shard names, version, vectors, seconds."""
     from attnpipe.reindex import reindex
 
-    cfg = load_config(args.config, args.overrides)
+    config = args.config
+    saved = os.path.join(args.embeddings, store.CONFIG_FILE)
+    if config is None and os.path.isfile(saved):
+        config = saved  # the settings that made the stored embeddings; --set still overrides them
+        print(f"reindex: using the config saved with the embeddings ({saved})", file=sys.stderr)
+    cfg = load_config(config, args.overrides)
     summary = reindex(args.input, args.embeddings, args.index, cfg, force=args.force, factory=args.faiss,
                       lsh=args.lsh, keep=args.keep, max_growth=args.max_growth, workers=args.workers,
                       target_recall=args.target_recall, ray_address=args.ray_address)

@@ -44,7 +44,7 @@ KILL_ENV = "ATTNPIPE_TEST_KILL_AT"  # tests: SIGKILL this process at a named ste
 
 
 def reindex(inputs: list[str], embeddings: str, root: str, cfg: Config, *, force: bool = False,
-            factory: str | None = None, lsh: str = "simhash", keep: int = 3, max_growth: float = 0.5,
+            factory: str | None = None, lsh: str | None = None, keep: int = 3, max_growth: float = 0.5,
             workers: int = 0, target_recall: float = 0.95, ray_address: str | None = None) -> dict:
     """Bring ``embeddings`` and the index under ``root`` up to date with ``inputs``; returns the run summary.
 

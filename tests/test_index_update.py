@@ -87,8 +87,9 @@ def test_ivf_incremental_keeps_recall_then_growth_retrains(ray_session, tmp_path
     _add_shard(emb, "s5", X[5000:6000])  # 2,000 added since training on 4,000: > +50%
     plan = plan_update(emb, root, factory="IVF32,Flat", lsh="none")
     assert plan.mode == "full" and "added since" in plan.reason
-    manifest, _ = refresh_index(emb, root, factory="IVF32,Flat", lsh="none")
+    manifest, _ = refresh_index(emb, root)  # no choices given: the live factory and LSH are kept through a retrain
     assert manifest["update"]["mode"] == "full" and manifest["faiss"]["trained_count"] == 6000
+    assert manifest["faiss"]["factory"] == "IVF32,Flat" and manifest["lsh"] == {}
 
 
 def test_drift_falls_back_to_a_full_retrain(ray_session, tmp_path):

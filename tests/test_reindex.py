@@ -119,9 +119,10 @@ def test_sigkill_mid_encode_keeps_live_version_and_lock_refuses_a_second_run(ray
     assert live.count == 120 and live.search_id(doomed, 1)[0][0] == doomed
     assert len(store.load_vectors(emb)[0]) == 120  # the dataset is the old one, whole
 
-    done = reindex([str(data)], emb, root, fast_config("data.image_size=32"), lsh="both")  # takes the stale lock
+    done = reindex([str(data)], emb, root, fast_config("data.image_size=32"))  # takes the stale lock
     assert (done["added"], done["removed"], done["version"], done["vectors"]) == (["more-00000"], ["shard-00002"],
                                                                                    "v2", 120)
+    assert done["index_update"] == "incremental"  # no --lsh given: the live version's "both" is kept
     assert not [d for d in os.listdir(root) if "staging" in d] and not os.path.exists(os.path.join(root, LOCK))
     assert not [f for f in os.listdir(emb) if f.startswith(".staging")]
     assert _shard_ids(SearchIndex.load(root)) == {"shard-00000", "shard-00001", "more-00000"}
@@ -187,3 +188,14 @@ def test_lock_refuses_live_owner_and_takes_over_dead_one(tmp_path):
     os.utime(path, (1, 1))  # heartbeat long gone
     with exclusive(path, stale_after_s=60):
         pass
+
+
+def test_cli_without_settings_reuses_the_config_saved_with_the_embeddings(ray_session, small, capsys):
+    data, emb, root = small
+    reindex([str(data)], emb, root, fast_config("data.image_size=32", "model.pooling=gem"))
+    capsys.readouterr()
+    assert main(["reindex", "--input", str(data), "--embeddings", emb, "--index", root]) == 0  # no --set at all
+    out = capsys.readouterr()
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert "using the config saved with the embeddings" in out.err
+    assert summary["encoded_images"] == 0 and summary["index_update"] == "none" and summary["version"] == "v1"

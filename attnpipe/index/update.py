@@ -91,18 +91,33 @@ def plan_update(embeddings: str, root: str, factory: str | None = None, lsh: str
     return Plan("incremental", f"+{len(new)} / -{len(retired)} parts", base, new, retired)
 
 
+def _keep_live_choices(root: str, factory: str | None, lsh: str | None) -> tuple[str | None, str]:
+    try:
+        live = layout.load_manifest(root, verify=False)
+    except layout.IndexLayoutError:
+        return factory, lsh or "simhash"
+    if factory is None and not live["faiss"].get("factory_auto", False):
+        factory = live["faiss"]["factory"]
+    if lsh is None:
+        kinds = set(live.get("lsh", {}))
+        lsh = "both" if len(kinds) == 2 else kinds.pop() if kinds else "none"
+    return factory, lsh
+
+
 def _lsh_kinds(lsh: str) -> set[str]:
     return {"simhash", "minhash"} if lsh == "both" else set() if lsh == "none" else {lsh}
 
 
-def refresh_index(embeddings: str, root: str, factory: str | None = None, lsh: str = "simhash",
+def refresh_index(embeddings: str, root: str, factory: str | None = None, lsh: str | None = None,
                   max_growth: float = 0.5, workers: int = 0, target_recall: float = 0.95, queries: int = 1000,
                   seed: int = 0, dedup_threshold: float = 0.9,
                   ray_address: str | None = None) -> tuple[dict | None, Plan]:
     """Bring the index under ``root`` up to date with ``embeddings``; returns (new manifest or None, the plan).
 
-    Starts (or joins) Ray only when there is work: a run with nothing to do stays cheap.
+    ``factory``/``lsh`` left as None keep the live version's choices (a factory the user picked stays picked, even
+    through a retrain; an automatic one follows the default rule), or the defaults for a first build. Starts (or joins) Ray only when there is work: a run with nothing to do stays cheap.
     """
+    factory, lsh = _keep_live_choices(root, factory, lsh)
     plan = plan_update(embeddings, root, factory, lsh, max_growth)
     build._log(f"index: {plan.mode} update ({plan.reason})")
     if plan.mode != "none":
