@@ -1,7 +1,7 @@
 """attnpipe: distributed batch embedding, indexing and evaluation of images on Ray, with attention-pooling heads.
 
-    from attnpipe import load_config, encode, read_embeddings
-    encode(["data/"], "emb/", load_config(overrides=["model.backbone=resnet50"]))
+from attnpipe import load_config, encode, read_embeddings
+encode(["data/"], "emb/", load_config(overrides=["model.backbone=resnet50"]))
 """
 
 from attnpipe.config import Config, ConfigError, load_config
@@ -32,5 +32,16 @@ def train_head(*args, **kwargs):
     return _train_head(*args, **kwargs)
 
 
-__all__ = ["Config", "ConfigError", "InputError", "discover", "encode", "load_config", "load_vectors",
-           "read_embeddings", "read_manifest", "reindex", "train_head"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "InputError",
+    "discover",
+    "encode",
+    "load_config",
+    "load_vectors",
+    "read_embeddings",
+    "read_manifest",
+    "reindex",
+    "train_head",
+]

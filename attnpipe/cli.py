@@ -1,8 +1,8 @@
 """The ``attnpipe`` command. Each sub-command parses, builds a config, and calls one library function.
 
-    attnpipe sample --out data/ --format tar --n 400
-    attnpipe encode --input data/ --out emb/ --set model.backbone=resnet50
-    attnpipe run                       # the demo: sample data -> encode -> index -> eval on a local Ray
+attnpipe sample --out data/ --format tar --n 400
+attnpipe encode --input data/ --out emb/ --set model.backbone=resnet50
+attnpipe run                       # the demo: sample data -> encode -> index -> eval on a local Ray
 """
 
 from __future__ import annotations
@@ -25,10 +25,17 @@ DEMO_SETTINGS = ("model.backbone=resnet18", "model.pooling=attn", "data.image_si
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (sections model/data/encode)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set model.backbone=resnet50 (repeatable)")
-    p.add_argument("--ray-address", default=None,
-                   help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set model.backbone=resnet50 (repeatable)",
+    )
+    p.add_argument(
+        "--ray-address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lsh", default="simhash", choices=("simhash", "minhash", "both", "none"))
     p.add_argument("--workers", type=int, default=0, help="Ray add tasks (default: one per CPU, at most parts)")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 vs exact that nprobe is tuned to")
-    p.add_argument("--dedup-threshold", type=float, default=0.9,
-                   help="weighted Jaccard over which two images are near-duplicates (--lsh minhash|both)")
+    p.add_argument(
+        "--dedup-threshold",
+        type=float,
+        default=0.9,
+        help="weighted Jaccard over which two images are near-duplicates (--lsh minhash|both)",
+    )
     p.add_argument("--minhash-perm", type=int, default=128, help="weighted MinHash samples per vector")
     p.add_argument("--ray-address", default=None)
 
@@ -90,15 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, help="all shards of the collection, as they are now")
     p.add_argument("--embeddings", required=True, help="embeddings dataset, updated in place (created if missing)")
     p.add_argument("--index", required=True, help="index root: versions v<N>/ and CURRENT (created if missing)")
-    p.add_argument("--faiss", default=None,
-                   help="faiss index_factory string (default: the live version's, or chosen from the count)")
-    p.add_argument("--lsh", default=None, choices=("simhash", "minhash", "both", "none"),
-                   help="LSH tables (default: the live version's, or simhash)")
+    p.add_argument(
+        "--faiss",
+        default=None,
+        help="faiss index_factory string (default: the live version's, or chosen from the count)",
+    )
+    p.add_argument(
+        "--lsh",
+        default=None,
+        choices=("simhash", "minhash", "both", "none"),
+        help="LSH tables (default: the live version's, or simhash)",
+    )
     p.add_argument("--force", action="store_true", help="re-encode everything when the model settings changed")
     # without --config, the config saved with the embeddings (_config.yaml) is the base
     p.add_argument("--keep", type=int, default=3, help="index versions to keep (default 3)")
-    p.add_argument("--max-growth", type=float, default=0.5,
-                   help="retrain the index when vectors added since its training reach this fraction (0.5 = +50%%)")
+    p.add_argument(
+        "--max-growth",
+        type=float,
+        default=0.5,
+        help="retrain the index when vectors added since its training reach this fraction (0.5 = +50%%)",
+    )
     p.add_argument("--workers", type=int, default=0, help="Ray index tasks (default: one per CPU)")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 vs exact that nprobe is tuned to")
     _config_args(p)
@@ -110,9 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=DEMO_DIR, help=f"where data and outputs go (default ./{DEMO_DIR})")
     p.add_argument("--input", nargs="+", help="your shards instead of the generated sample")
     p.add_argument("--n", type=int, default=600, help="sample size when no --input is given")
-    p.add_argument("--train", action=argparse.BooleanOptionalAction, default=None,
-                   help="first fit the head with a short schedule (default: on for the generated sample, where it "
-                        "trains on a second sample of its own; with --input it trains on the input)")
+    p.add_argument(
+        "--train",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="first fit the head with a short schedule (default: on for the generated sample, where it "
+        "trains on a second sample of its own; with --input it trains on the input)",
+    )
     _config_args(p)
     return parser
 
@@ -121,8 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, InputError, FileExistsError, FileNotFoundError, IndexLayoutError, KeyError, LockHeld,
-            ValueError) as exc:
+    except (
+        ConfigError,
+        InputError,
+        FileExistsError,
+        FileNotFoundError,
+        IndexLayoutError,
+        KeyError,
+        LockHeld,
+        ValueError,
+    ) as exc:
         print(f"attnpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -130,8 +164,16 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from attnpipe.data.sample import make_sample
 
-    paths = make_sample(args.out, fmt=args.format, n=args.n, num_shards=args.shards, image_size=args.image_size,
-                        seed=args.seed, broken=args.broken, classes=args.classes)
+    paths = make_sample(
+        args.out,
+        fmt=args.format,
+        n=args.n,
+        num_shards=args.shards,
+        image_size=args.image_size,
+        seed=args.seed,
+        broken=args.broken,
+        classes=args.classes,
+    )
     print(f"wrote {args.n} images in {len(paths)} {args.format} shards to {args.out}", file=sys.stderr)
     return 0
 
@@ -156,11 +198,22 @@ def cmd_index(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     with exclusive(os.path.join(args.out, LOCK), f"attnpipe index --out {args.out}"):  # not beside a reindex
         init_ray(args.ray_address)
-        manifest = build_index(args.embeddings, args.out, factory=args.faiss, lsh=args.lsh, workers=args.workers,
-                               target_recall=args.target_recall, dedup_threshold=args.dedup_threshold,
-                               minhash_perm=args.minhash_perm)
-    print(json.dumps({k: manifest[k] for k in ("version", "count", "dim", "build_seconds")} |
-                     {"faiss": {k: v for k, v in manifest["faiss"].items() if k != "tuning"}}))
+        manifest = build_index(
+            args.embeddings,
+            args.out,
+            factory=args.faiss,
+            lsh=args.lsh,
+            workers=args.workers,
+            target_recall=args.target_recall,
+            dedup_threshold=args.dedup_threshold,
+            minhash_perm=args.minhash_perm,
+        )
+    print(
+        json.dumps(
+            {k: manifest[k] for k in ("version", "count", "dim", "build_seconds")}
+            | {"faiss": {k: v for k, v in manifest["faiss"].items() if k != "tuning"}}
+        )
+    )
     return 0
 
 
@@ -191,13 +244,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from attnpipe.evaluate.runner import evaluate, headline
 
     ks = _ks(args.k)
-    metrics = evaluate(args.embeddings, args.index, args.out, queries=args.queries, qrels=args.qrels, ks=ks,
-                       num_queries=args.num_queries, depth=args.depth, seed=args.seed, compare=tuple(args.compare),
-                       version=args.version)
+    metrics = evaluate(
+        args.embeddings,
+        args.index,
+        args.out,
+        queries=args.queries,
+        qrels=args.qrels,
+        ks=ks,
+        num_queries=args.num_queries,
+        depth=args.depth,
+        seed=args.seed,
+        compare=tuple(args.compare),
+        version=args.version,
+    )
     print(headline(metrics), file=sys.stderr)
-    print(json.dumps({"metrics": os.path.join(args.out, "metrics.json"),
-                      "report": os.path.join(args.out, "report.html"),
-                      "exact": metrics["exact"], "faiss": metrics.get("faiss"), "lsh": metrics.get("lsh")}))
+    print(
+        json.dumps(
+            {
+                "metrics": os.path.join(args.out, "metrics.json"),
+                "report": os.path.join(args.out, "report.html"),
+                "exact": metrics["exact"],
+                "faiss": metrics.get("faiss"),
+                "lsh": metrics.get("lsh"),
+            }
+        )
+    )
     return 0
 
 
@@ -211,9 +282,20 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         config = saved  # the settings that made the stored embeddings; --set still overrides them
         print(f"reindex: using the config saved with the embeddings ({saved})", file=sys.stderr)
     cfg = load_config(config, args.overrides)
-    summary = reindex(args.input, args.embeddings, args.index, cfg, force=args.force, factory=args.faiss,
-                      lsh=args.lsh, keep=args.keep, max_growth=args.max_growth, workers=args.workers,
-                      target_recall=args.target_recall, ray_address=args.ray_address)
+    summary = reindex(
+        args.input,
+        args.embeddings,
+        args.index,
+        cfg,
+        force=args.force,
+        factory=args.faiss,
+        lsh=args.lsh,
+        keep=args.keep,
+        max_growth=args.max_growth,
+        workers=args.workers,
+        target_recall=args.target_recall,
+        ray_address=args.ray_address,
+    )
     print(json.dumps(summary), flush=True)
     return 0
 
@@ -241,10 +323,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     manifest = build_index(emb, root, lsh="both")
     report_dir = os.path.join(args.workdir, "eval")
     metrics = evaluate(emb, root, report_dir, num_queries=200)
-    print(json.dumps({"embeddings": summary,
-                      "index": {"root": root, "version": manifest["version"], "count": manifest["count"],
-                                "factory": manifest["faiss"]["factory"], "recall@10": manifest["faiss"]["recall@10"]},
-                      "eval": {"report": os.path.join(report_dir, "report.html"), **_headline_numbers(metrics)}}))
+    print(
+        json.dumps(
+            {
+                "embeddings": summary,
+                "index": {
+                    "root": root,
+                    "version": manifest["version"],
+                    "count": manifest["count"],
+                    "factory": manifest["faiss"]["factory"],
+                    "recall@10": manifest["faiss"]["recall@10"],
+                },
+                "eval": {"report": os.path.join(report_dir, "report.html"), **_headline_numbers(metrics)},
+            }
+        )
+    )
     print(f"\n{headline(metrics)}", file=sys.stderr)
     print(f"report: {os.path.abspath(os.path.join(report_dir, 'report.html'))}", file=sys.stderr)
     print(f"try:    attnpipe search --index {root} --id {_first_ok_id(emb)}", file=sys.stderr)
@@ -276,8 +369,11 @@ def _demo_training(cfg, args: argparse.Namespace):
 
 def _headline_numbers(metrics: dict) -> dict:
     keep = ("map@r", "precision@1", "ndcg@10", "recall_vs_exact@10", "qps", "candidate_recall@10")
-    return {section: {k: round(v, 4) for k, v in metrics[section].items() if k in keep}
-            for section in ("exact", "faiss", "lsh") if section in metrics}
+    return {
+        section: {k: round(v, 4) for k, v in metrics[section].items() if k in keep}
+        for section in ("exact", "faiss", "lsh")
+        if section in metrics
+    }
 
 
 def _first_ok_id(embeddings: str) -> str:
@@ -285,8 +381,16 @@ def _first_ok_id(embeddings: str) -> str:
     return ids[0] if ids else "<id>"
 
 
-COMMANDS = {"sample": cmd_sample, "encode": cmd_encode, "index": cmd_index, "search": cmd_search, "eval": cmd_eval,
-            "reindex": cmd_reindex, "train": run_train_command, "run": cmd_run}
+COMMANDS = {
+    "sample": cmd_sample,
+    "encode": cmd_encode,
+    "index": cmd_index,
+    "search": cmd_search,
+    "eval": cmd_eval,
+    "reindex": cmd_reindex,
+    "train": run_train_command,
+    "run": cmd_run,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -214,7 +214,9 @@ def _validate_train(t: TrainConfig) -> None:
     if not 0 <= t.attn_entropy <= 1:
         raise ConfigError(f"train.attn_entropy is a normalized entropy and must be in [0, 1], got {t.attn_entropy}")
     if not 0 < t.val_fraction < 1:
-        raise ConfigError(f"train.val_fraction must be in (0, 1) (validation picks the best epoch), got {t.val_fraction}")
+        raise ConfigError(
+            f"train.val_fraction must be in (0, 1) (validation picks the best epoch), got {t.val_fraction}"
+        )
 
 
 def _check_trained_weights(cfg: Config) -> None:

@@ -121,8 +121,14 @@ class PartsDatasink(Datasink):
         self.parts = [p for ret in write_result.write_returns for p in (ret or [])]
 
 
-def encode(inputs: list[str], out: str, cfg: Config, overwrite: bool = False, ray_address: str | None = None,
-           _crash_after_parts: int | None = None) -> dict:
+def encode(
+    inputs: list[str],
+    out: str,
+    cfg: Config,
+    overwrite: bool = False,
+    ray_address: str | None = None,
+    _crash_after_parts: int | None = None,
+) -> dict:
     """Encode every image of ``inputs`` into an embeddings dataset at ``out``; returns the run summary.
 
     Raises:
@@ -165,10 +171,20 @@ def summarize(entries: list[dict], out: str, seconds: float) -> dict:
     """The run summary of freshly encoded shard entries, also printed as one line on stderr."""
     rows = sum(s["rows"] for s in entries)
     ok = sum(s["ok"] for s in entries)
-    summary = {"out": out, "shards": len(entries), "rows": rows, "ok": ok, "error": rows - ok,
-               "seconds": round(seconds, 2), "images_per_s": round(rows / seconds, 1) if seconds else 0.0}
-    print(f"encoded {rows} images from {len(entries)} shards: {ok} ok, {rows - ok} error "
-          f"in {seconds:.1f} s ({summary['images_per_s']} images/s) -> {out}", file=sys.stderr)
+    summary = {
+        "out": out,
+        "shards": len(entries),
+        "rows": rows,
+        "ok": ok,
+        "error": rows - ok,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(rows / seconds, 1) if seconds else 0.0,
+    }
+    print(
+        f"encoded {rows} images from {len(entries)} shards: {ok} ok, {rows - ok} error "
+        f"in {seconds:.1f} s ({summary['images_per_s']} images/s) -> {out}",
+        file=sys.stderr,
+    )
     return summary
 
 
@@ -180,8 +196,12 @@ def build_dataset(shards, cfg: Config) -> ray.data.Dataset:
     pool = e.num_encoders or max(gpus, 1)
     ds = ray.data.from_items(units, override_num_blocks=max(len(units), 1))
     ds = ds.map_batches(_read_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"max_bytes": d.max_bytes})
-    ds = ds.map_batches(decode_batch, batch_size=e.decode_batch_size, batch_format="numpy",
-                        fn_kwargs={"size": d.image_size, "max_pixels": d.max_pixels})
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=e.decode_batch_size,
+        batch_format="numpy",
+        fn_kwargs={"size": d.image_size, "max_pixels": d.max_pixels},
+    )
     return ds.map_batches(
         EncodeActor,
         fn_constructor_kwargs={"config": cfg.to_dict()},
@@ -203,8 +223,12 @@ def shard_entries(shards, parts: list[dict]) -> list[dict]:
     for p in parts:
         by_shard[p["shard"]].append(p)
     return [
-        {**s.to_json(), "parts": sorted(p["file"] for p in by_shard[s.name]),
-         "rows": sum(p["rows"] for p in by_shard[s.name]), "ok": sum(p["ok"] for p in by_shard[s.name])}
+        {
+            **s.to_json(),
+            "parts": sorted(p["file"] for p in by_shard[s.name]),
+            "rows": sum(p["rows"] for p in by_shard[s.name]),
+            "ok": sum(p["ok"] for p in by_shard[s.name]),
+        }
         for s in shards
     ]
 
@@ -212,9 +236,13 @@ def shard_entries(shards, parts: list[dict]) -> list[dict]:
 def model_signature(cfg: Config) -> dict:
     """What the embeddings depend on: another signature means every stored embedding is stale."""
     m = cfg.model
-    return {"backbone": m.backbone, "pooling": m.pooling, "weights": m.weights,
-            "weights_fingerprint": weights_fingerprint(m.weights, m.backbone, m.seed),
-            "image_size": cfg.data.image_size}
+    return {
+        "backbone": m.backbone,
+        "pooling": m.pooling,
+        "weights": m.weights,
+        "weights_fingerprint": weights_fingerprint(m.weights, m.backbone, m.seed),
+        "image_size": cfg.data.image_size,
+    }
 
 
 def new_manifest(entries: list[dict], cfg: Config, first_part: int = 0) -> dict:

@@ -63,8 +63,14 @@ def read_owner(path: str) -> dict:
 
 
 def _acquire(path: str, command: str, stale_after_s: float) -> dict:
-    owner = {"host": socket.gethostname(), "pid": os.getpid(), "command": command, "token": uuid.uuid4().hex,
-             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "started_unix": time.time()}
+    owner = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "command": command,
+        "token": uuid.uuid4().hex,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started_unix": time.time(),
+    }
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -112,8 +118,10 @@ def _alive(pid: int) -> bool:
 
 def _held_message(path: str, holder: dict, stale_after_s: float) -> str:
     who = f"{holder.get('command') or 'a job'} (pid {holder.get('pid', '?')} on {holder.get('host', '?')})"
-    return (f"another job holds {path}: {who}, started {holder.get('started', '?')}. Wait for it to finish; "
-            f"if it is gone, its lock turns stale after {stale_after_s:.0f} s without heartbeat, or remove {path}")
+    return (
+        f"another job holds {path}: {who}, started {holder.get('started', '?')}. Wait for it to finish; "
+        f"if it is gone, its lock turns stale after {stale_after_s:.0f} s without heartbeat, or remove {path}"
+    )
 
 
 def _heartbeat(path: str, stop: threading.Event) -> None:

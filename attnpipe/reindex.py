@@ -43,9 +43,21 @@ MODEL_KEYS = ("backbone", "pooling", "weights_fingerprint", "image_size")
 KILL_ENV = "ATTNPIPE_TEST_KILL_AT"  # tests: SIGKILL this process at a named step (see _step)
 
 
-def reindex(inputs: list[str], embeddings: str, root: str, cfg: Config, *, force: bool = False,
-            factory: str | None = None, lsh: str | None = None, keep: int = 3, max_growth: float = 0.5,
-            workers: int = 0, target_recall: float = 0.95, ray_address: str | None = None) -> dict:
+def reindex(
+    inputs: list[str],
+    embeddings: str,
+    root: str,
+    cfg: Config,
+    *,
+    force: bool = False,
+    factory: str | None = None,
+    lsh: str | None = None,
+    keep: int = 3,
+    max_growth: float = 0.5,
+    workers: int = 0,
+    target_recall: float = 0.95,
+    ray_address: str | None = None,
+) -> dict:
     """Bring ``embeddings`` and the index under ``root`` up to date with ``inputs``; returns the run summary.
 
     Raises:
@@ -67,8 +79,10 @@ def reindex(inputs: list[str], embeddings: str, root: str, cfg: Config, *, force
         shards = discover(inputs, known)
         stale = _model_change(old, cfg)
         if stale and not force:
-            raise ConfigError(f"the embeddings in {embeddings} were made with {stale}; every shard would be "
-                              "re-encoded. Pass --force to do that, or restore the previous model settings")
+            raise ConfigError(
+                f"the embeddings in {embeddings} were made with {stale}; every shard would be "
+                "re-encoded. Pass --force to do that, or restore the previous model settings"
+            )
         changes = classify(shards, old, stale_model=bool(stale))
         _log(_describe(changes) + (f" (model changed: {stale})" if stale else ""))
         todo = [s for s in shards if s.name in changes["added"] + changes["changed"]]
@@ -76,15 +90,30 @@ def reindex(inputs: list[str], embeddings: str, root: str, cfg: Config, *, force
             init_ray(ray_address)
         encoded = _update_embeddings(embeddings, shards, todo, old, cfg)
         _step("embeddings-committed")
-        manifest, plan = refresh_index(embeddings, root, factory=factory, lsh=lsh, max_growth=max_growth,
-                                       workers=workers, target_recall=target_recall, ray_address=ray_address)
+        manifest, plan = refresh_index(
+            embeddings,
+            root,
+            factory=factory,
+            lsh=lsh,
+            max_growth=max_growth,
+            workers=workers,
+            target_recall=target_recall,
+            ray_address=ray_address,
+        )
         live = manifest or layout.load_manifest(root, verify=False)
         pruned = layout.prune(root, keep)
         for v in pruned:
             _log(f"removed index version {v} (keeping the newest {keep})")
-    return {**changes, "version": live["version"], "vectors": int(live["count"]),
-            "seconds": round(time.perf_counter() - start, 2), "encoded_images": encoded, "index_update": plan.mode,
-            "index_reason": plan.reason, "pruned": pruned}
+    return {
+        **changes,
+        "version": live["version"],
+        "vectors": int(live["count"]),
+        "seconds": round(time.perf_counter() - start, 2),
+        "encoded_images": encoded,
+        "index_update": plan.mode,
+        "index_reason": plan.reason,
+        "pruned": pruned,
+    }
 
 
 def classify(shards: list[Shard], old: dict | None, stale_model: bool = False) -> dict[str, list[str]]:
@@ -109,14 +138,14 @@ def _model_change(old: dict | None, cfg: Config) -> str:
     return ", ".join(diff)
 
 
-def _update_embeddings(embeddings: str, shards: list[Shard], todo: list[Shard], old: dict | None,
-                       cfg: Config) -> int:
+def _update_embeddings(embeddings: str, shards: list[Shard], todo: list[Shard], old: dict | None, cfg: Config) -> int:
     """Encode ``todo`` into the dataset and commit the new manifest; returns the number of images encoded."""
     old = old or {"shards": [], "next_part_number": 0}
     current = {s.name: s for s in shards}
     redo = {s.name for s in todo}
-    kept = [{**e, **current[e["name"]].to_json()} for e in old["shards"]
-            if e["name"] in current and e["name"] not in redo]  # stat may have moved: remember it
+    kept = [
+        {**e, **current[e["name"]].to_json()} for e in old["shards"] if e["name"] in current and e["name"] not in redo
+    ]  # stat may have moved: remember it
     fresh: list[dict] = []
     staging = None
     if todo:

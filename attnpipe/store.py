@@ -194,8 +194,15 @@ def dataset_metadata(path: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in meta.items()}
 
 
-def write_vectors(out: str, ids: list[str], X: np.ndarray, labels: list[str | None] | None = None,
-                  num_shards: int = 1, model: str = "synthetic", overwrite: bool = False) -> None:
+def write_vectors(
+    out: str,
+    ids: list[str],
+    X: np.ndarray,
+    labels: list[str | None] | None = None,
+    num_shards: int = 1,
+    model: str = "synthetic",
+    overwrite: bool = False,
+) -> None:
     """Publish ready-made vectors as a schema-v1 dataset (one 1x1 attention map each): for tests and benchmarks."""
     n, dim = X.shape
     X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
@@ -208,27 +215,42 @@ def write_vectors(out: str, ids: list[str], X: np.ndarray, labels: list[str | No
         rows = np.flatnonzero(shard_of == s)
         name = f"{model}-{s:05d}"
         ok = np.ones(len(rows), bool)
-        table = pa.table({
-            "id": pa.array([ids[i] for i in rows], pa.string()),
-            "shard": pa.array([name] * len(rows), pa.string()),
-            "key": pa.array([ids[i].rsplit("/", 1)[-1] for i in rows], pa.string()),
-            "label": pa.array([labels[i] for i in rows] if labels is not None else [None] * len(rows), pa.string()),
-            "status": pa.array(["ok"] * len(rows), pa.string()),
-            "error": pa.array([None] * len(rows), pa.string()),
-            "embedding": fixed_list(X[rows].astype(np.float32), ok, sch.field("embedding").type),
-            "attention": fixed_list(np.ones((len(rows), 1), np.float16), ok, sch.field("attention").type),
-            "attn_h": pa.array(np.ones(len(rows), np.int16)),
-            "attn_w": pa.array(np.ones(len(rows), np.int16)),
-            "attn_entropy": pa.array(np.zeros(len(rows), np.float32)),
-            "attn_peak": pa.array(np.ones(len(rows), np.float32)),
-            "attn_top10_mass": pa.array(np.ones(len(rows), np.float32)),
-            "box": fixed_list(np.zeros((len(rows), 4), np.float32), ~ok, sch.field("box").type),
-        }, schema=sch)
+        table = pa.table(
+            {
+                "id": pa.array([ids[i] for i in rows], pa.string()),
+                "shard": pa.array([name] * len(rows), pa.string()),
+                "key": pa.array([ids[i].rsplit("/", 1)[-1] for i in rows], pa.string()),
+                "label": pa.array([labels[i] for i in rows] if labels is not None else [None] * len(rows), pa.string()),
+                "status": pa.array(["ok"] * len(rows), pa.string()),
+                "error": pa.array([None] * len(rows), pa.string()),
+                "embedding": fixed_list(X[rows].astype(np.float32), ok, sch.field("embedding").type),
+                "attention": fixed_list(np.ones((len(rows), 1), np.float16), ok, sch.field("attention").type),
+                "attn_h": pa.array(np.ones(len(rows), np.int16)),
+                "attn_w": pa.array(np.ones(len(rows), np.int16)),
+                "attn_entropy": pa.array(np.zeros(len(rows), np.float32)),
+                "attn_peak": pa.array(np.ones(len(rows), np.float32)),
+                "attn_top10_mass": pa.array(np.ones(len(rows), np.float32)),
+                "box": fixed_list(np.zeros((len(rows), 4), np.float32), ~ok, sch.field("box").type),
+            },
+            schema=sch,
+        )
         part = f"part-{name}-0.parquet"
         pq.write_table(table, os.path.join(stage, part))
-        shards.append({"name": name, "uri": "synthetic", "format": "synthetic", "size": 0, "mtime_ns": 0,
-                       "fingerprint": f"synthetic:{s}:{len(rows)}", "parts": [part], "rows": len(rows),
-                       "ok": len(rows)})
-    write_json(os.path.join(stage, MANIFEST), {"schema_version": SCHEMA_VERSION, "model": {"backbone": model},
-                                               "shards": shards, **number_parts(shards)})
+        shards.append(
+            {
+                "name": name,
+                "uri": "synthetic",
+                "format": "synthetic",
+                "size": 0,
+                "mtime_ns": 0,
+                "fingerprint": f"synthetic:{s}:{len(rows)}",
+                "parts": [part],
+                "rows": len(rows),
+                "ok": len(rows),
+            }
+        )
+    write_json(
+        os.path.join(stage, MANIFEST),
+        {"schema_version": SCHEMA_VERSION, "model": {"backbone": model}, "shards": shards, **number_parts(shards)},
+    )
     publish(stage, out, overwrite=overwrite)

@@ -58,9 +58,25 @@ def tuned_loop(pixels: np.ndarray, cfg: ModelConfig, batch: int = 64) -> tuple[f
 
 
 def pipeline(data_dir: str, out: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "attnpipe.cli", "encode", "--input", data_dir, "--out", out, "--json",
-           "--set", f"model.backbone={args.backbone}", "--set", f"model.pooling={args.pooling}",
-           "--set", f"data.image_size={args.image_size}", "--set", f"encode.batch_size={args.batch_size}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "attnpipe.cli",
+        "encode",
+        "--input",
+        data_dir,
+        "--out",
+        out,
+        "--json",
+        "--set",
+        f"model.backbone={args.backbone}",
+        "--set",
+        f"model.pooling={args.pooling}",
+        "--set",
+        f"data.image_size={args.image_size}",
+        "--set",
+        f"encode.batch_size={args.batch_size}",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -92,8 +108,10 @@ def main() -> None:
     print(f"encode throughput: {args.n} images, {args.backbone}+{args.pooling} at {args.image_size}px on {device}")
     print(f"  naive model-only loop (fp32, NCHW, pre-decoded):  {naive:8.1f} images/s")
     print(f"  tuned model-only loop ({dtype}, channels_last):  {tuned:8.1f} images/s")
-    print(f"  attnpipe encode, wall incl. Python+Ray start-up:   {pipe['images_per_s_wall']:8.1f} images/s "
-          f"({pipe['wall_s']:.1f} s, {pipe['ok']} ok / {pipe['error']} error)")
+    print(
+        f"  attnpipe encode, wall incl. Python+Ray start-up:   {pipe['images_per_s_wall']:8.1f} images/s "
+        f"({pipe['wall_s']:.1f} s, {pipe['ok']} ok / {pipe['error']} error)"
+    )
     print(f"  ratio pipeline / naive loop: {pipe['images_per_s_wall'] / naive:.2f}")
     print(f"  ratio pipeline / tuned loop: {pipe['images_per_s_wall'] / tuned:.2f}")
 

@@ -53,8 +53,10 @@ def main() -> None:
     X = clustered(args.n, args.dim, 500, 0)
     Q = clustered(5000, args.dim, 500, 1)
     ray.init(address="local", include_dashboard=False, logging_level="WARNING")
-    print(f"index build: {args.n} x {args.dim}, {args.factory}, {os.cpu_count()} cores, faiss {faiss.__version__}",
-          file=sys.stderr)
+    print(
+        f"index build: {args.n} x {args.dim}, {args.factory}, {os.cpu_count()} cores, faiss {faiss.__version__}",
+        file=sys.stderr,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         emb = os.path.join(tmp, "emb")
         store.write_vectors(emb, [f"b/{i}" for i in range(args.n)], X, num_shards=args.shards)
@@ -81,8 +83,10 @@ def main() -> None:
         print(f"{f'attnpipe, {w} Ray worker(s)':<34}{m['build_seconds']:9.2f}{m['build_seconds'] / plain_s:10.2f}")
     r = rows[0][1]["faiss"]
     print(f"tuned nprobe={nprobe} recall@10={r['recall@10']:.3f} (target {r['target_recall']})")
-    print(f"search QPS at nprobe={nprobe}: attnpipe index {attn_qps:,.0f}, plain faiss {plain_qps:,.0f}, "
-          f"ratio {attn_qps / plain_qps:.2f}")
+    print(
+        f"search QPS at nprobe={nprobe}: attnpipe index {attn_qps:,.0f}, plain faiss {plain_qps:,.0f}, "
+        f"ratio {attn_qps / plain_qps:.2f}"
+    )
     ray.shutdown()
 
 

@@ -77,14 +77,24 @@ def held_out_recall(index: SearchIndex, Q: np.ndarray, truth: list[set[str]]) ->
     return float(np.mean([len(set(g) & t) / K for g, t in zip(got, truth)])), got
 
 
-def scenario(tmp: str, n: int, dim: int, shards: int, churn: int, factory: str, lsh: str, clusters: int,
-             queries: int, workers: int) -> dict:
+def scenario(
+    tmp: str,
+    n: int,
+    dim: int,
+    shards: int,
+    churn: int,
+    factory: str,
+    lsh: str,
+    clusters: int,
+    queries: int,
+    workers: int,
+) -> dict:
     """v1 full build, -churn/+churn shards, then the timed incremental refresh and full rebuild; the numbers."""
     size = n // shards
     X = clustered(n + churn * size + queries, dim, clusters, seed=0)
     names = [f"s{i:02d}" for i in range(shards + churn)]  # zero-padded: remove_shard matches by prefix
-    data = {name: X[i * size:(i + 1) * size] for i, name in enumerate(names)}
-    Q = X[(shards + churn) * size:]  # held-out queries, never indexed
+    data = {name: X[i * size : (i + 1) * size] for i, name in enumerate(names)}
+    Q = X[(shards + churn) * size :]  # held-out queries, never indexed
     emb, inc_root, full_root = (os.path.join(tmp, d) for d in ("emb", "inc", "full"))
     dataset(emb, {name: data[name] for name in names[:shards]})
     v1 = build_index(emb, inc_root, factory=factory, lsh=lsh, workers=workers)
@@ -116,8 +126,15 @@ def scenario(tmp: str, n: int, dim: int, shards: int, churn: int, factory: str, 
     b_recall, b_got = held_out_recall(b, Q, truth)
     assert not any(i.split("/")[0] in gone for i in a.id_map[1])
     return {
-        "v1": v1, "inc": inc, "full": full, "inc_s": inc_s, "full_s": full_s, "size": size, "gone": gone,
-        "inc_heldout": a_recall, "full_heldout": b_recall,
+        "v1": v1,
+        "inc": inc,
+        "full": full,
+        "inc_s": inc_s,
+        "full_s": full_s,
+        "size": size,
+        "gone": gone,
+        "inc_heldout": a_recall,
+        "full_heldout": b_recall,
         "same_ids": set(a.id_map[1]) == set(b.id_map[1]) == set(cur_ids),
         "same_top": float(np.mean([set(x) == set(y) for x, y in zip(a_got, b_got)])),
     }
@@ -125,20 +142,28 @@ def scenario(tmp: str, n: int, dim: int, shards: int, churn: int, factory: str, 
 
 def report(r: dict, n: int, churn: int, factory: str) -> None:
     f1 = r["v1"]["faiss"]
-    print(f"{factory}: {n} vectors in {n // r['size']} shards; v1 full build {r['v1']['build_seconds']:.2f} s "
-          f"(nprobe={f1.get('nprobe')}, recall@10 {f1['recall@10']:.3f}); then -{churn}/+{churn} shards "
-          f"({churn * r['size']} vectors each way, removed {', '.join(r['gone'])})")
+    print(
+        f"{factory}: {n} vectors in {n // r['size']} shards; v1 full build {r['v1']['build_seconds']:.2f} s "
+        f"(nprobe={f1.get('nprobe')}, recall@10 {f1['recall@10']:.3f}); then -{churn}/+{churn} shards "
+        f"({churn * r['size']} vectors each way, removed {', '.join(r['gone'])})"
+    )
     print(f"{'version':<28}{'seconds':>9}{'build_s':>9}{'nprobe':>8}{'recall@10 manifest':>20}{'held-out':>10}")
     for label, key in (("incremental (refresh_index)", "inc"), ("full rebuild (build_index)", "full")):
         m = r[key]
-        print(f"{label:<28}{r[f'{key}_s']:9.2f}{m['build_seconds']:9.2f}{m['faiss'].get('nprobe')!s:>8}"
-              f"{m['faiss']['recall@10']:20.3f}{r[f'{key}_heldout']:10.3f}")
+        print(
+            f"{label:<28}{r[f'{key}_s']:9.2f}{m['build_seconds']:9.2f}{m['faiss'].get('nprobe')!s:>8}"
+            f"{m['faiss']['recall@10']:20.3f}{r[f'{key}_heldout']:10.3f}"
+        )
     at_prev = r["inc"]["faiss"].get("recall@10_at_previous_nprobe")
     extra = f"; incremental recall@10 at v1's nprobe {at_prev:.3f}" if at_prev is not None else ""
-    print(f"speed-up full / incremental: {r['full_s'] / r['inc_s']:.2f}x (wall), "
-          f"{r['full']['build_seconds'] / r['inc']['build_seconds']:.2f}x (build_seconds){extra}")
-    print(f"indexed id sets identical: {'yes' if r['same_ids'] else 'NO'}; "
-          f"held-out queries with identical top-10 id sets: {r['same_top']:.3f}")
+    print(
+        f"speed-up full / incremental: {r['full_s'] / r['inc_s']:.2f}x (wall), "
+        f"{r['full']['build_seconds'] / r['inc']['build_seconds']:.2f}x (build_seconds){extra}"
+    )
+    print(
+        f"indexed id sets identical: {'yes' if r['same_ids'] else 'NO'}; "
+        f"held-out queries with identical top-10 id sets: {r['same_top']:.3f}"
+    )
 
 
 def main() -> None:
@@ -156,13 +181,16 @@ def main() -> None:
     p.add_argument("--cpus", type=int, default=None, help="Ray num_cpus (default: all cores)")
     args = p.parse_args()
     init_ray(num_cpus=args.cpus)
-    print(f"index update: dim {args.dim}, lsh {args.lsh}, {os.cpu_count()} cores, faiss {faiss.__version__}",
-          file=sys.stderr)
+    print(
+        f"index update: dim {args.dim}, lsh {args.lsh}, {os.cpu_count()} cores, faiss {faiss.__version__}",
+        file=sys.stderr,
+    )
     runs = [(args.n, args.factory)] + ([(args.flat_n, "Flat")] if args.flat_n else [])
     for i, (n, factory) in enumerate(runs):
         with tempfile.TemporaryDirectory() as tmp:
-            r = scenario(tmp, n, args.dim, args.shards, args.churn, factory, args.lsh, args.clusters,
-                         args.queries, args.workers)
+            r = scenario(
+                tmp, n, args.dim, args.shards, args.churn, factory, args.lsh, args.clusters, args.queries, args.workers
+            )
         if i:
             print()
         report(r, n, args.churn, factory)

@@ -71,8 +71,10 @@ def bench_simhash(n: int, dim: int, clusters: int, queries: int) -> None:
     Q = clustered(queries, dim, clusters, 1)  # fresh queries from the same clusters
     exact = np.argsort(-(Q @ X.T), axis=1)[:, :10]
     print(f"\nSimHash: {n} x {dim} in {clusters} clusters, {queries} fresh queries, exact cosine top-10 as truth")
-    print(f"{'tables':>6}{'bits':>5}{'build s':>9}{'cands/query':>13}{'cand recall@10':>16}{'recall@10':>11}"
-          f"{'search s':>10}")
+    print(
+        f"{'tables':>6}{'bits':>5}{'build s':>9}{'cands/query':>13}{'cand recall@10':>16}{'recall@10':>11}"
+        f"{'search s':>10}"
+    )
     for tables, bits in SIMHASH_SETTINGS:
         lsh = SimHashLSH(dim, tables, bits, seed=0)
         build_s, _ = best_of(lambda lsh=lsh: SimHashLSH.from_codes(lsh.codes(X), np.arange(n), **lsh.params), 1)
@@ -80,8 +82,10 @@ def bench_simhash(n: int, dim: int, clusters: int, queries: int) -> None:
         cands = lsh.candidates(Q)
         search_s, (_, ids) = best_of(lambda lsh=lsh: lsh.search(Q, X, k=10), 1)
         found = np.mean([len(set(i) & set(e)) / 10 for i, e in zip(ids, exact)])
-        print(f"{tables:6d}{bits:5d}{build_s:9.3f}{np.mean([len(c) for c in cands]):13.0f}"
-              f"{candidate_recall(exact, cands):16.3f}{found:11.3f}{search_s:10.3f}")
+        print(
+            f"{tables:6d}{bits:5d}{build_s:9.3f}{np.mean([len(c) for c in cands]):13.0f}"
+            f"{candidate_recall(exact, cands):16.3f}{found:11.3f}{search_s:10.3f}"
+        )
 
 
 def main() -> None:

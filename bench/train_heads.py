@@ -41,8 +41,14 @@ def score(model: ModelConfig, pixels, labels) -> dict:
 
 
 def run(data_dir: str, out_dir: str, backbone: str, head: str, args: argparse.Namespace) -> dict:
-    overrides = [f"model.backbone={backbone}", f"model.pooling={head}", f"data.image_size={args.image_size}",
-                 f"train.epochs={args.epochs}", f"train.patience={args.patience}", "train.val_fraction=0.25"]
+    overrides = [
+        f"model.backbone={backbone}",
+        f"model.pooling={head}",
+        f"data.image_size={args.image_size}",
+        f"train.epochs={args.epochs}",
+        f"train.patience={args.patience}",
+        "train.val_fraction=0.25",
+    ]
     cfg = load_config(None, overrides)
     out = os.path.join(out_dir, f"{backbone}-{head}.safetensors")
     start = time.perf_counter()
@@ -51,9 +57,17 @@ def run(data_dir: str, out_dir: str, backbone: str, head: str, args: argparse.Na
     pixels, labels = held_out(data_dir, cfg)
     trained = score(ModelConfig(backbone=backbone, pooling=head, weights=out), pixels, labels)
     avg = score(ModelConfig(backbone=backbone, pooling="avg"), pixels, labels)
-    return {"backbone": backbone, "head": head, "avg": avg, "trained": trained, "seconds": seconds,
-            "epochs": summary["epochs_done"], "best_epoch": summary["best_epoch"], "queries": len(labels),
-            "train_images": summary["train_images"]}
+    return {
+        "backbone": backbone,
+        "head": head,
+        "avg": avg,
+        "trained": trained,
+        "seconds": seconds,
+        "epochs": summary["epochs_done"],
+        "best_epoch": summary["best_epoch"],
+        "queries": len(labels),
+        "train_images": summary["train_images"],
+    }
 
 
 def main() -> None:
@@ -69,22 +83,27 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data")
-        make_sample(data, fmt="tar", n=args.n, num_shards=4, image_size=args.image_size, classes=args.classes,
-                    seed=11)
+        make_sample(data, fmt="tar", n=args.n, num_shards=4, image_size=args.image_size, classes=args.classes, seed=11)
         for item in args.runs.split(","):
             backbone, head = item.split(":")
             rows.append(run(data, tmp, backbone, head, args))
     r0 = rows[0]
-    print(f"trained heads vs avg: {args.n} images, {args.classes} classes, {args.image_size}px, random backbone "
-          f"weights, {r0['train_images']} training / {r0['queries']} held-out queries, on {device}")
-    print("| backbone | head | avg map@r | avg p@1 | trained map@r | trained p@1 | ratio map@r | epochs (best) | "
-          "train s |")
+    print(
+        f"trained heads vs avg: {args.n} images, {args.classes} classes, {args.image_size}px, random backbone "
+        f"weights, {r0['train_images']} training / {r0['queries']} held-out queries, on {device}"
+    )
+    print(
+        "| backbone | head | avg map@r | avg p@1 | trained map@r | trained p@1 | ratio map@r | epochs (best) | "
+        "train s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         a, t = r["avg"], r["trained"]
-        print(f"| {r['backbone']} | {r['head']} | {a['map@r']:.4f} | {a['precision@1']:.4f} | {t['map@r']:.4f} | "
-              f"{t['precision@1']:.4f} | **{t['map@r'] / a['map@r']:.2f}** | {r['epochs']} ({r['best_epoch']}) | "
-              f"{r['seconds']:.1f} |")
+        print(
+            f"| {r['backbone']} | {r['head']} | {a['map@r']:.4f} | {a['precision@1']:.4f} | {t['map@r']:.4f} | "
+            f"{t['precision@1']:.4f} | **{t['map@r'] / a['map@r']:.2f}** | {r['epochs']} ({r['best_epoch']}) | "
+            f"{r['seconds']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

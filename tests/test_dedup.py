@@ -28,8 +28,9 @@ def test_planted_copies_are_grouped(ray_session, tmp_path):
         planted[f"copies/dups/copy-{path.stem}"] = f"orig-00000/{path.parent.name}/{path.stem}"
     emb = str(tmp_path / "emb")
     # max pooling separates unrelated images best under random weights (sparse, position-specific maxima)
-    encode([str(tmp_path / "orig"), str(tmp_path / "copies")], emb, fast_config("model.pooling=max",
-                                                                               "data.image_size=96"))
+    encode(
+        [str(tmp_path / "orig"), str(tmp_path / "copies")], emb, fast_config("model.pooling=max", "data.image_size=96")
+    )
     manifest = build_index(emb, str(tmp_path / "index"), lsh="minhash", dedup_threshold=0.92, minhash_perm=256)
     groups = pq.read_table(os.path.join(manifest["path"], "lsh", "near_duplicates.parquet")).to_pylist()
     group_of = {r["id"]: r["group"] for r in groups}

@@ -152,8 +152,22 @@ def test_sigkill_mid_build_keeps_current(ray_session, vectors, tmp_path):
     root = str(tmp_path / "root")
     build_index(vectors[0], root, factory="Flat", lsh="none", workers=1)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "attnpipe.cli", "index", "--embeddings", vectors[0], "--out", root,
-           "--faiss", "IVF64,Flat", "--lsh", "none", "--workers", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "attnpipe.cli",
+        "index",
+        "--embeddings",
+        vectors[0],
+        "--out",
+        root,
+        "--faiss",
+        "IVF64,Flat",
+        "--lsh",
+        "none",
+        "--workers",
+        "2",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     seen = []
     for line in proc.stderr:

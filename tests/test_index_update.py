@@ -51,7 +51,7 @@ def _remove_shard(path: str, name: str) -> None:
 def test_flat_incremental_update_equals_a_rebuild(ray_session, tmp_path):
     X = clustered(4000, DIM, 20, seed=1)
     emb, root = str(tmp_path / "emb"), str(tmp_path / "root")
-    _dataset(emb, {f"s{i}": X[i * 1000:(i + 1) * 1000] for i in range(3)})
+    _dataset(emb, {f"s{i}": X[i * 1000 : (i + 1) * 1000] for i in range(3)})
     build_index(emb, root, lsh="simhash")
     _remove_shard(emb, "s1")
     _add_shard(emb, "s3", X[3000:])
@@ -70,7 +70,7 @@ def test_flat_incremental_update_equals_a_rebuild(ray_session, tmp_path):
 def test_ivf_incremental_keeps_recall_then_growth_retrains(ray_session, tmp_path):
     X = clustered(9300, DIM, 40, seed=3)  # the last 300: held-out queries from the same distribution
     emb, root = str(tmp_path / "emb"), str(tmp_path / "root")
-    _dataset(emb, {f"s{i}": X[i * 1000:(i + 1) * 1000] for i in range(4)})
+    _dataset(emb, {f"s{i}": X[i * 1000 : (i + 1) * 1000] for i in range(4)})
     build_index(emb, root, factory="IVF32,Flat", lsh="none")
     _add_shard(emb, "s4", X[4000:5000])  # +25%: incremental
     manifest, plan = refresh_index(emb, root, factory="IVF32,Flat", lsh="none")
@@ -99,11 +99,11 @@ def test_drift_falls_back_to_a_full_retrain(ray_session, tmp_path):
     Y = rng.normal(size=(3000, DIM)).astype(np.float32)  # no cluster structure: neighbours span many cells
     Y /= np.linalg.norm(Y, axis=1, keepdims=True)
     emb, root = str(tmp_path / "emb"), str(tmp_path / "root")
-    _dataset(emb, {f"s{i}": X[i * 1000:(i + 1) * 1000] for i in range(4)})
+    _dataset(emb, {f"s{i}": X[i * 1000 : (i + 1) * 1000] for i in range(4)})
     v1 = build_index(emb, root, factory="IVF32,Flat", lsh="none")
     for i in range(3):
         _remove_shard(emb, f"s{i}")
-        _add_shard(emb, f"n{i}", Y[i * 1000:(i + 1) * 1000])
+        _add_shard(emb, f"n{i}", Y[i * 1000 : (i + 1) * 1000])
     manifest, plan = refresh_index(emb, root, factory="IVF32,Flat", lsh="none", max_growth=10)
     assert plan.mode == "full" and "drifted" in plan.reason
     assert manifest["update"]["mode"] == "full" and manifest["faiss"]["nprobe"] >= v1["faiss"]["nprobe"]

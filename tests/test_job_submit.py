@@ -113,8 +113,20 @@ def test_encode_job(head: RayHead, tmp_path: Path) -> None:
 
     # The index stage as a second job on the same head, over what the first one wrote.
     root = tmp_path / "index"
-    proc = _submit(head, "python", "jobs/build_index.py", "--embeddings", str(out), "--out", str(root),
-                   "--lsh", "both", "--workers", "2", working_dir=REPO)
+    proc = _submit(
+        head,
+        "python",
+        "jobs/build_index.py",
+        "--embeddings",
+        str(out),
+        "--out",
+        str(root),
+        "--lsh",
+        "both",
+        "--workers",
+        "2",
+        working_dir=REPO,
+    )
     _assert_succeeded(proc)
     assert (root / "CURRENT").read_text().strip() == "v1", _explain(proc)
     from attnpipe.index.search import SearchIndex
@@ -124,8 +136,20 @@ def test_encode_job(head: RayHead, tmp_path: Path) -> None:
 
     # And the evaluation stage, the third job of the pipeline.
     report = tmp_path / "eval"
-    proc = _submit(head, "python", "jobs/evaluate.py", "--embeddings", str(out), "--index", str(root),
-                   "--out", str(report), "--num-queries", "20", working_dir=REPO)
+    proc = _submit(
+        head,
+        "python",
+        "jobs/evaluate.py",
+        "--embeddings",
+        str(out),
+        "--index",
+        str(root),
+        "--out",
+        str(report),
+        "--num-queries",
+        "20",
+        working_dir=REPO,
+    )
     _assert_succeeded(proc)
     import json
 
@@ -134,9 +158,24 @@ def test_encode_job(head: RayHead, tmp_path: Path) -> None:
 
     # Scheduled re-indexing as a fourth job: a shard disappeared, so it re-encodes nothing and updates the index.
     (data / "shard-00001.tar").unlink()
-    proc = _submit(head, "python", "jobs/reindex.py", "--input", str(data), "--embeddings", str(out),
-                   "--index", str(root), "--lsh", "both", "--set", "model.backbone=resnet18",
-                   "--set", "data.image_size=64", working_dir=REPO)
+    proc = _submit(
+        head,
+        "python",
+        "jobs/reindex.py",
+        "--input",
+        str(data),
+        "--embeddings",
+        str(out),
+        "--index",
+        str(root),
+        "--lsh",
+        "both",
+        "--set",
+        "model.backbone=resnet18",
+        "--set",
+        "data.image_size=64",
+        working_dir=REPO,
+    )
     _assert_succeeded(proc)
     line = next(s for s in reversed(proc.stdout.splitlines()) if s.startswith('{"added"'))
     summary = json.loads(line)

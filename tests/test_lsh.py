@@ -176,8 +176,10 @@ def test_candidate_recall_and_search_on_clustered_data(capsys):
     recall = candidate_recall(exact, cands)
     mean_cands = np.mean([len(c) for c in cands])
     with capsys.disabled():
-        print(f"\nsimhash L=16 k=12, 2000x64 in 20 clusters: candidate recall@10 {recall:.3f}, "
-              f"{mean_cands:.0f} candidates/query")
+        print(
+            f"\nsimhash L=16 k=12, 2000x64 in 20 clusters: candidate recall@10 {recall:.3f}, "
+            f"{mean_cands:.0f} candidates/query"
+        )
     assert recall > 0.8 and mean_cands < 0.1 * len(X)
     scores, ids = lsh.search(Q, X, k=10)
     assert np.array_equal(ids[:, 0], np.arange(300))  # a database vector finds itself first
@@ -210,8 +212,14 @@ def test_save_load_round_trip(tmp_path):
     lsh = SimHashLSH(32, num_tables=6, bits=10, seed=9, center=X.mean(0))
     lsh.add(lsh.codes(X), np.arange(len(X)) * 7)
     lsh.save(str(tmp_path / "simhash"))
-    assert sorted(os.listdir(tmp_path / "simhash")) == ["codes.npy", "ids.npy", "offsets.npy", "pos.npy",
-                                                        "projections.npy", "simhash.json"]
+    assert sorted(os.listdir(tmp_path / "simhash")) == [
+        "codes.npy",
+        "ids.npy",
+        "offsets.npy",
+        "pos.npy",
+        "projections.npy",
+        "simhash.json",
+    ]
     for mmap in (False, True):
         back = SimHashLSH.load(str(tmp_path / "simhash"), mmap=mmap)
         assert back.params == lsh.params and len(back) == 1000

@@ -14,8 +14,14 @@ from attnpipe.models.encoder import EncoderRunner, ImageEncoder
 
 @pytest.mark.parametrize(
     "name, size, channels",
-    [("resnet18", 64, 512), ("convnext_tiny", 64, 768), ("efficientnet_b0", 64, 1280),
-     ("regnet_x_400mf", 64, 400), ("mobilenet_v3_small", 64, 576), ("vit_b_16", 224, 768)],
+    [
+        ("resnet18", 64, 512),
+        ("convnext_tiny", 64, 768),
+        ("efficientnet_b0", 64, 1280),
+        ("regnet_x_400mf", 64, 400),
+        ("mobilenet_v3_small", 64, 576),
+        ("vit_b_16", 224, 768),
+    ],
 )
 def test_backbone_families_give_spatial_maps(name, size, channels):
     net, c = build_backbone(name)

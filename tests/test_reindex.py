@@ -46,7 +46,11 @@ def test_reindex_added_changed_removed(ray_session, tmp_path):
     shutil.copy(tmp_path / "other" / "shard-00000.tar", data / "shard-00001.tar")  # same name, new content
     os.remove(data / "shard-00004.tar")
     second = reindex([str(data)], emb, root, cfg, factory="IVF16,Flat")
-    assert (second["added"], second["changed"], second["removed"]) == (["extra-00000"], ["shard-00001"], ["shard-00004"])
+    assert (second["added"], second["changed"], second["removed"]) == (
+        ["extra-00000"],
+        ["shard-00001"],
+        ["shard-00004"],
+    )
     assert second["unchanged"] == ["shard-00000", "shard-00002", "shard-00003"]
     assert second["encoded_images"] == 2000 and second["index_update"] == "incremental"
     assert second["version"] == "v2" and second["vectors"] == 5000
@@ -54,8 +58,14 @@ def test_reindex_added_changed_removed(ray_session, tmp_path):
     live = SearchIndex.load(root)
     assert live.indexes[0].ntotal == 5000 and len(live.id_map[0]) == 5000
     assert _shard_ids(live) == {"extra-00000", "shard-00000", "shard-00001", "shard-00002", "shard-00003"}
-    assert live.manifest["update"] == {"mode": "incremental", "base": "v1", "added_parts": 2, "removed_parts": 2,
-                                       "added_vectors": 2000, "removed_vectors": 2000}
+    assert live.manifest["update"] == {
+        "mode": "incremental",
+        "base": "v1",
+        "added_parts": 2,
+        "removed_parts": 2,
+        "added_vectors": 2000,
+        "removed_vectors": 2000,
+    }
     assert live.manifest["faiss"]["recall@10"] >= 0.9  # re-measured on the new version
     assert "shard-00004" in _shard_ids(SearchIndex.load(root, "v1"))  # the previous version is still there
     assert live.search_id("extra-00000/000007", 1)[0][0] == "extra-00000/000007"
@@ -85,8 +95,14 @@ def _cli(data, emb: str, root: str, *extra: str) -> list[str]:
 
 def _spawn(args: list[str], **env: str) -> subprocess.Popen:
     environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
-    return subprocess.Popen([sys.executable, "-m", "attnpipe.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=environ, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "attnpipe.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+        start_new_session=True,
+    )
 
 
 def _change(data) -> None:
@@ -120,8 +136,12 @@ def test_sigkill_mid_encode_keeps_live_version_and_lock_refuses_a_second_run(ray
     assert len(store.load_vectors(emb)[0]) == 120  # the dataset is the old one, whole
 
     done = reindex([str(data)], emb, root, fast_config("data.image_size=32"))  # takes the stale lock
-    assert (done["added"], done["removed"], done["version"], done["vectors"]) == (["more-00000"], ["shard-00002"],
-                                                                                   "v2", 120)
+    assert (done["added"], done["removed"], done["version"], done["vectors"]) == (
+        ["more-00000"],
+        ["shard-00002"],
+        "v2",
+        120,
+    )
     assert done["index_update"] == "incremental"  # no --lsh given: the live version's "both" is kept
     assert not [d for d in os.listdir(root) if "staging" in d] and not os.path.exists(os.path.join(root, LOCK))
     assert not [f for f in os.listdir(emb) if f.startswith(".staging")]

@@ -17,8 +17,17 @@ from attnpipe.evaluate.report import write_report
 
 KS = (1, 5, 10, 100)
 SECTIONS = ("Summary", "Recall@k curves", "ANN trade-off", "LSH", "Attention", "Heads comparison", "Query grid")
-STATS = ("entropy", "peak", "top10_mass", "effective_area", "center_x", "center_y", "spread", "box_mass",
-         "pointing_game")
+STATS = (
+    "entropy",
+    "peak",
+    "top10_mass",
+    "effective_area",
+    "center_x",
+    "center_y",
+    "spread",
+    "box_mass",
+    "pointing_game",
+)
 DATA_PNG = re.compile(r'<img\b[^>]*\bsrc="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 ATTR = re.compile(r'\b(?:src|href|srcset|action|poster|data|xlink:href)\s*=\s*"([^"]*)"', re.IGNORECASE)
 
@@ -28,8 +37,14 @@ def _ranking(rng: np.random.Generator) -> dict:
     for k in KS:
         for name in ("precision", "recall", "hit_rate", "map", "ndcg"):
             d[f"{name}@{k}"] = float(rng.uniform(0.2, 1.0))
-    d.update({"map": float(rng.random()), "map@r": float(rng.random()), "r_precision": float(rng.random()),
-              "mrr": float(rng.random())})
+    d.update(
+        {
+            "map": float(rng.random()),
+            "map@r": float(rng.random()),
+            "r_precision": float(rng.random()),
+            "mrr": float(rng.random()),
+        }
+    )
     return d
 
 
@@ -51,24 +66,50 @@ def _inputs(seed: int = 0) -> tuple[dict, dict, list[dict]]:
         return {"count": 30, "overall": {s: float(rng.random()) for s in STATS}, "per_label": per}
 
     metrics = {
-        "meta": {"embeddings": "/data/emb", "index": "/data/index", "version": "v2", "queries": 1000,
-                 "gallery": 10000, "model": "resnet18", "pooling": "attn", "factory": "IVF64,Flat", "nprobe": 8,
-                 "leave_one_out": True},
-        "exact": _ranking(rng), "faiss": faiss, "lsh": lsh,
+        "meta": {
+            "embeddings": "/data/emb",
+            "index": "/data/index",
+            "version": "v2",
+            "queries": 1000,
+            "gallery": 10000,
+            "model": "resnet18",
+            "pooling": "attn",
+            "factory": "IVF64,Flat",
+            "nprobe": 8,
+            "leave_one_out": True,
+        },
+        "exact": _ranking(rng),
+        "faiss": faiss,
+        "lsh": lsh,
         "attention": {"heads": {"attn": head(), "mha": head()}},
         "heads": {"attn": _ranking(rng), "avg": _ranking(rng)},
     }
-    sweep = [{"nprobe": p, "recall_vs_exact@10": 0.6 + 0.06 * i, "qps": 40000 / (i + 1)}
-             for i, p in enumerate((1, 2, 4, 8, 16, 32))]
+    sweep = [
+        {"nprobe": p, "recall_vs_exact@10": 0.6 + 0.06 * i, "qps": 40000 / (i + 1)}
+        for i, p in enumerate((1, 2, 4, 8, 16, 32))
+    ]
     extras = {"sweep": sweep, "entropy": {"attn": rng.beta(5, 2, 300), "mha": rng.beta(2, 3, 300)}}
     cards = []
     for i in range(4):
-        results = [{"id": f"shard-0/{i}-{j}", "score": float(0.9 - 0.1 * j), "relevant": [True, False, None][j % 3],
-                    "image": _jpeg(rng, 40 + 8 * j, 32) if j != 2 else None} for j in range(5)]
-        cards.append({"query_id": f"shard-0/q{i}", "label": labels[i % 3] if i else None,
-                      "image": _jpeg(rng, 64, 48) if i != 3 else None,
-                      "attention": rng.random((7, 7)).astype(np.float32),
-                      "box": [0.2, 0.25, 0.7, 0.8] if i < 2 else None, "results": results})
+        results = [
+            {
+                "id": f"shard-0/{i}-{j}",
+                "score": float(0.9 - 0.1 * j),
+                "relevant": [True, False, None][j % 3],
+                "image": _jpeg(rng, 40 + 8 * j, 32) if j != 2 else None,
+            }
+            for j in range(5)
+        ]
+        cards.append(
+            {
+                "query_id": f"shard-0/q{i}",
+                "label": labels[i % 3] if i else None,
+                "image": _jpeg(rng, 64, 48) if i != 3 else None,
+                "attention": rng.random((7, 7)).astype(np.float32),
+                "box": [0.2, 0.25, 0.7, 0.8] if i < 2 else None,
+                "results": results,
+            }
+        )
     return metrics, extras, cards
 
 
@@ -106,11 +147,26 @@ def test_full_report(tmp_path):
     assert all(im.format == "PNG" and im.width > 0 for im in imgs)
     for heading in SECTIONS:
         assert f">{heading}<" in text
-    for name in ("precision@1", "recall@100", "ndcg@10", "map@r", "mrr", "r_precision", "recall_vs_exact@10",
-                 "latency_ms_p99", "candidate_recall@10", "mean_candidates", "pointing_game", "box_mass", "my eval",
-                 "IVF64,Flat", "shard-0/q1", "shard-0/2-4"):
+    for name in (
+        "precision@1",
+        "recall@100",
+        "ndcg@10",
+        "map@r",
+        "mrr",
+        "r_precision",
+        "recall_vs_exact@10",
+        "latency_ms_p99",
+        "candidate_recall@10",
+        "mean_candidates",
+        "pointing_game",
+        "box_mass",
+        "my eval",
+        "IVF64,Flat",
+        "shard-0/q1",
+        "shard-0/2-4",
+    ):
         assert name in text, name
-    assert f'{metrics["exact"]["map@r"]:.4f}' in text  # numbers at 4 decimals
+    assert f"{metrics['exact']['map@r']:.4f}" in text  # numbers at 4 decimals
     assert "12,345.6" in text and "10,000" in text
     positions = [text.index(f">{h}<") for h in SECTIONS]
     assert positions == sorted(positions)
@@ -127,9 +183,17 @@ def test_overlay_is_a_heat_map_of_the_image(tmp_path):
     assert diff.mean() > 10
 
 
-@pytest.mark.parametrize("drop", [("lsh",), ("faiss", "sweep"), ("sweep",), ("faiss", "lsh", "heads"),
-                                  ("attention", "meta", "entropy"),
-                                  ("exact", "faiss", "lsh", "heads", "attention", "meta")])
+@pytest.mark.parametrize(
+    "drop",
+    [
+        ("lsh",),
+        ("faiss", "sweep"),
+        ("sweep",),
+        ("faiss", "lsh", "heads"),
+        ("attention", "meta", "entropy"),
+        ("exact", "faiss", "lsh", "heads", "attention", "meta"),
+    ],
+)
 def test_missing_sections(tmp_path, drop):
     metrics, extras, cards = _inputs(1)
     for key in drop:
@@ -154,15 +218,29 @@ def test_missing_sections(tmp_path, drop):
 
 def test_tolerates_odd_inputs(tmp_path):
     """Missing keys, NaN, unreadable image bytes, a bad attention array, an efSearch sweep, a pixel box."""
-    metrics = {"exact": {"precision@1": float("nan"), "mrr": 0.5}, "faiss": {"qps": 10.0, "efSearch": 64},
-               "attention": {"heads": {"attn": {"overall": {"entropy": 0.5}}}}}
-    extras = {"sweep": [{"efSearch": 16, "recall_vs_exact@10": 0.7, "qps": 900.0},
-                        {"efSearch": 64, "recall_vs_exact@10": 0.95, "qps": 300.0}],
-              "entropy": {"attn": np.array([0.1, np.nan, 0.5]), "empty": np.array([])}}
-    cards = [{"query_id": "q", "image": b"not an image", "attention": np.zeros(3), "results": []},
-             {"query_id": "p", "image": _jpeg(np.random.default_rng(0), 50, 50), "attention": np.ones((4, 4)),
-              "box": [5, 5, 40, 40], "results": [{"id": "x", "score": None, "relevant": None, "image": b""}]},
-             {}]
+    metrics = {
+        "exact": {"precision@1": float("nan"), "mrr": 0.5},
+        "faiss": {"qps": 10.0, "efSearch": 64},
+        "attention": {"heads": {"attn": {"overall": {"entropy": 0.5}}}},
+    }
+    extras = {
+        "sweep": [
+            {"efSearch": 16, "recall_vs_exact@10": 0.7, "qps": 900.0},
+            {"efSearch": 64, "recall_vs_exact@10": 0.95, "qps": 300.0},
+        ],
+        "entropy": {"attn": np.array([0.1, np.nan, 0.5]), "empty": np.array([])},
+    }
+    cards = [
+        {"query_id": "q", "image": b"not an image", "attention": np.zeros(3), "results": []},
+        {
+            "query_id": "p",
+            "image": _jpeg(np.random.default_rng(0), 50, 50),
+            "attention": np.ones((4, 4)),
+            "box": [5, 5, 40, 40],
+            "results": [{"id": "x", "score": None, "relevant": None, "image": b""}],
+        },
+        {},
+    ]
     text = _read(write_report(str(tmp_path / "r.html"), metrics, extras, cards))
     _check_self_contained(text)
     assert "efSearch" in text and "—" in text and len(_decoded_images(text)) >= 8
@@ -190,11 +268,21 @@ def test_renders_in_headless_browser(tmp_path):
     n_img = _read(report).count("<img")
 
     def run(*extra: str, profile: str) -> subprocess.CompletedProcess:
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / profile}"]
-        return subprocess.run([browser, *flags, *extra, f"file://{report}"], capture_output=True, text=True,
-                              timeout=60, check=False)
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / profile}",
+        ]
+        return subprocess.run(
+            [browser, *flags, *extra, f"file://{report}"], capture_output=True, text=True, timeout=60, check=False
+        )
 
     shot = tmp_path / "shot.png"
     proc = run(f"--screenshot={shot}", "--window-size=1280,4000", "--hide-scrollbars", profile="p1")

@@ -30,10 +30,21 @@ from attnpipe.train.objective import attention_loss, box_coverage
 from attnpipe.train.trainable import set_trainable
 from tests.conftest import fast_config
 
-QUALITY = ("model.backbone=convnext_tiny", "model.pooling=attn", "data.image_size=96", "train.epochs=8",
-           "train.patience=0", "train.val_fraction=0.25")
-TINY = ("model.pooling=attn", "encode.precision=fp32", "train.batch_size=16", "train.val_fraction=0.25",
-        "train.patience=0")
+QUALITY = (
+    "model.backbone=convnext_tiny",
+    "model.pooling=attn",
+    "data.image_size=96",
+    "train.epochs=8",
+    "train.patience=0",
+    "train.val_fraction=0.25",
+)
+TINY = (
+    "model.pooling=attn",
+    "encode.precision=fp32",
+    "train.batch_size=16",
+    "train.val_fraction=0.25",
+    "train.patience=0",
+)
 
 
 def _quiet(_line: str) -> None:
@@ -61,8 +72,14 @@ def quality(tmp_path_factory):
     summary = train_head([str(root / "data")], out, cfg, progress=_quiet)
     data = load_labeled([str(root / "data")], cfg.data)
     _, val = split_holdout(data.labels, cfg.train.val_fraction, cfg.train.seed)
-    return {"cfg": cfg, "out": out, "summary": summary, "pixels": data.pixels[val], "labels": data.labels[val],
-            "boxes": data.boxes[val]}
+    return {
+        "cfg": cfg,
+        "out": out,
+        "summary": summary,
+        "pixels": data.pixels[val],
+        "labels": data.labels[val],
+        "boxes": data.boxes[val],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +101,8 @@ def test_trained_attn_beats_avg_on_held_out_queries(quality):
     assert s["epochs_done"] == 8 and s["val_images"] == 60 and s["train_images"] == 180
     avg = EncoderRunner(ModelConfig(backbone="convnext_tiny", pooling="avg"))(quality["pixels"])
     attn = EncoderRunner(ModelConfig(backbone="convnext_tiny", pooling="attn", weights=quality["out"]))(
-        quality["pixels"])
+        quality["pixels"]
+    )
     avg_map, attn_map = _map_at_r(avg["embedding"], quality["labels"]), _map_at_r(attn["embedding"], quality["labels"])
     assert attn_map > avg_map + 0.15, (attn_map, avg_map)
     best = s["history"][s["best_epoch"] - 1]["map@r"]  # the artifact reproduces the best validation score
@@ -93,7 +111,6 @@ def test_trained_attn_beats_avg_on_held_out_queries(quality):
     trained_mass = np.nanmean(per_image_stats(attn["attention"], quality["boxes"])["box_mass"])
     uniform_mass = np.nanmean(per_image_stats(avg["attention"], quality["boxes"])["box_mass"])
     assert trained_mass > uniform_mass + 0.2, (trained_mass, uniform_mass)
-
 
 
 def test_artifact_for_another_model_is_refused(quality):
@@ -114,7 +131,9 @@ def _in_memory(trained_run: dict, pixels: np.ndarray) -> tuple[torch.Tensor, tor
     trained = ImageEncoder(fast_config(*TINY).model).eval()
     trained.load_state_dict(state["best"]["state"], strict=False)
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1
+    )
     with torch.inference_mode():
         return trained(x)
 
@@ -196,14 +215,14 @@ def test_checkpoint_of_another_run_is_refused(tiny, tiny_trained):
         train_head(data, out, fast_config(*TINY, "train.epochs=3", "train.lr=0.01"), progress=_quiet)
     assert read_sidecar(out)["sha256"] == file_sha256(out)  # refused before touching anything
 
+
 def test_unfreeze_last_trains_only_the_last_stage(tiny, tmp_path):
     net, _ = build_backbone("resnet18")
     enc = ImageEncoder(ModelConfig(backbone="resnet18"))
     trainable = set_trainable(enc, "resnet18", "last")
     assert sum(p.numel() for p in trainable) == sum(p.numel() for p in enc.backbone[7].parameters())
     out = str(tmp_path / "last.safetensors")
-    train_head([str(tiny / "data")], out, fast_config(*TINY, "train.epochs=1", "train.unfreeze=last"),
-               progress=_quiet)
+    train_head([str(tiny / "data")], out, fast_config(*TINY, "train.epochs=1", "train.unfreeze=last"), progress=_quiet)
     from safetensors.torch import load_file
 
     state = load_file(out)
@@ -213,16 +232,21 @@ def test_unfreeze_last_trains_only_the_last_stage(tiny, tmp_path):
 
 def test_a_head_without_parameters_has_nothing_to_train(tiny, tmp_path):
     with pytest.raises(ValueError, match="nothing to train"):
-        train_head([str(tiny / "data")], str(tmp_path / "avg.safetensors"),
-                   fast_config(*TINY, "model.pooling=avg"), progress=_quiet)
+        train_head(
+            [str(tiny / "data")],
+            str(tmp_path / "avg.safetensors"),
+            fast_config(*TINY, "model.pooling=avg"),
+            progress=_quiet,
+        )
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(180)
 def test_ray_train_two_cpu_workers_write_a_loadable_artifact(ray_session, tiny, tmp_path):
     out = str(tmp_path / "ray.safetensors")
-    summary = train_head([str(tiny / "data")], out, fast_config(*TINY, "train.epochs=2", "train.workers=2"),
-                         progress=_quiet)
+    summary = train_head(
+        [str(tiny / "data")], out, fast_config(*TINY, "train.epochs=2", "train.workers=2"), progress=_quiet
+    )
     meta = read_sidecar(out)
     assert summary["epochs_done"] == 2 and meta["train"]["workers"] == 2 and meta["sha256"] == file_sha256(out)
     pixels = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
@@ -281,8 +305,19 @@ def test_train_command_prints_a_json_summary(tiny, tmp_path, capsys):
     p = argparse.ArgumentParser()
     add_train_arguments(p)
     out = str(tmp_path / "cmd.safetensors")
-    args = p.parse_args(["--input", str(tiny / "data"), "--out", out, "--pooling", "gem", "--json", "--no-resume",
-                         *(x for o in (*TINY, "train.epochs=1", "data.image_size=64") for x in ("--set", o))])
+    args = p.parse_args(
+        [
+            "--input",
+            str(tiny / "data"),
+            "--out",
+            out,
+            "--pooling",
+            "gem",
+            "--json",
+            "--no-resume",
+            *(x for o in (*TINY, "train.epochs=1", "data.image_size=64") for x in ("--set", o)),
+        ]
+    )
     assert run_train_command(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["weights"] == out and summary["epochs_done"] == 1 and read_sidecar(out)["pooling"] == "gem"

@@ -45,8 +45,13 @@ def read_unit(unit: dict, max_bytes: int) -> pa.Table:
 
 
 def _row(key: str, data: bytes | None = None, label=None, box=None, error: str | None = None) -> dict:
-    return {"key": key, "label": None if label is None else str(label), "box": _valid_box(box), "data": data,
-            "error": error}
+    return {
+        "key": key,
+        "label": None if label is None else str(label),
+        "box": _valid_box(box),
+        "data": data,
+        "error": error,
+    }
 
 
 def _valid_box(box) -> list[float]:

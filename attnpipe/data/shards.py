@@ -109,7 +109,7 @@ def content_hash(shard: Shard) -> str:
     paths = [shard.uri] if shard.format != "folder" else [posixpath.join(shard.uri, f) for f in shard.files]
     for path in paths:
         if shard.format == "folder":
-            h.update(f"{path[len(shard.uri):]}\0".encode())
+            h.update(f"{path[len(shard.uri) :]}\0".encode())
         with fs.open_input_stream(path) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -150,7 +150,7 @@ def _folder_shard(fs: pafs.FileSystem, path: str) -> Shard | None:
     rel = tuple(i.path[len(prefix) :] for i in images)
     h = hashlib.blake2b(digest_size=16)
     for i in images:
-        h.update(f"{i.path[len(prefix):]}\0{i.size}\0{_mtime_ns(i)}\n".encode())
+        h.update(f"{i.path[len(prefix) :]}\0{i.size}\0{_mtime_ns(i)}\n".encode())
     size, mtime = sum(i.size for i in images), max(_mtime_ns(i) for i in images)
     return Shard(posixpath.basename(path.rstrip("/")), path, "folder", size, mtime, "", f"listing:{h.hexdigest()}", rel)
 

@@ -34,11 +34,28 @@ COLORS = dict(zip(SYSTEMS, PALETTE))
 FAMILIES = ("precision", "recall", "hit_rate", "map", "ndcg")  # @k metrics, in table order
 SCALARS = ("map", "map@r", "r_precision", "mrr")
 ANN_ONLY = ("recall_vs_exact@", "qps", "latency_", "nprobe", "efSearch", "candidate_recall@", "mean_candidates")
-STATS = ("entropy", "peak", "top10_mass", "effective_area", "center_x", "center_y", "spread", "box_mass",
-         "pointing_game")
+STATS = (
+    "entropy",
+    "peak",
+    "top10_mass",
+    "effective_area",
+    "center_x",
+    "center_y",
+    "spread",
+    "box_mass",
+    "pointing_game",
+)
 THUMB = 128  # px, longest side of every card image
-RC: dict[Any, Any] = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
-                      "grid.alpha": 0.3, "axes.titleweight": "bold", "axes.titlesize": 10, "legend.frameon": False}
+RC: dict[Any, Any] = {
+    "font.size": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.titleweight": "bold",
+    "axes.titlesize": 10,
+    "legend.frameon": False,
+}
 
 CSS = """
 :root{--fg:#1d2433;--muted:#5d6878;--bg:#f5f6f8;--line:#e2e5ea;--accent:#0072B2;--ok:#1a9e5a;--bad:#d64545;
@@ -92,23 +109,31 @@ def write_report(path: str, metrics: dict, extras: dict, cards: list[dict], titl
             become placeholders.
     """
     metrics, extras = metrics or {}, extras or {}
-    sections = [("summary", "Summary", _summary(metrics)), ("curves", "Recall@k curves", _curves(metrics)),
-                ("ann", "ANN trade-off", _ann(metrics.get("faiss"), extras.get("sweep"))),
-                ("lsh", "LSH", _lsh(metrics.get("lsh"))),
-                ("attention", "Attention", _attention(metrics.get("attention"), extras.get("entropy"))),
-                ("heads", "Heads comparison", _heads(metrics.get("heads"))),
-                ("queries", "Query grid", _grid(cards or []))]
+    sections = [
+        ("summary", "Summary", _summary(metrics)),
+        ("curves", "Recall@k curves", _curves(metrics)),
+        ("ann", "ANN trade-off", _ann(metrics.get("faiss"), extras.get("sweep"))),
+        ("lsh", "LSH", _lsh(metrics.get("lsh"))),
+        ("attention", "Attention", _attention(metrics.get("attention"), extras.get("entropy"))),
+        ("heads", "Heads comparison", _heads(metrics.get("heads"))),
+        ("queries", "Query grid", _grid(cards or [])),
+    ]
     sections = [s for s in sections if s[2]]
-    meta = {k: _fmt(v) if _isnum(v) else v if isinstance(v, str) else json.dumps(v, default=str)
-            for k, v in (metrics.get("meta") or {}).items() if v is not None}
+    meta = {
+        k: _fmt(v) if _isnum(v) else v if isinstance(v, str) else json.dumps(v, default=str)
+        for k, v in (metrics.get("meta") or {}).items()
+        if v is not None
+    }
     facts = "".join(f'<span class="fact"><b>{_e(k)}</b>{_e(v)}</span>' for k, v in meta.items())
     nav = "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t, _ in sections)
     body = "".join(f'<section id="{a}"><h2>{_e(t)}<a href="#{a}">#</a></h2>{h}</section>' for a, t, h in sections)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
-            f'content="width=device-width,initial-scale=1"><title>{_e(title)}</title><style>{CSS}</style></head>'
-            f'<body><header><h1>{_e(title)}</h1><div class="ts">generated {stamp}</div>'
-            f'<div class="facts">{facts}</div></header><nav>{nav}</nav><main>{body}</main>{SCRIPT}</body></html>')
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+        f'content="width=device-width,initial-scale=1"><title>{_e(title)}</title><style>{CSS}</style></head>'
+        f'<body><header><h1>{_e(title)}</h1><div class="ts">generated {stamp}</div>'
+        f'<div class="facts">{facts}</div></header><nav>{nav}</nav><main>{body}</main>{SCRIPT}</body></html>'
+    )
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -142,7 +167,9 @@ def _fmt(v) -> str:
 def _ks(d: dict, family: str) -> list[int]:
     """The k of every ``family@k`` key with a number (``map@r`` and the like are not k's)."""
     pre = family + "@"
-    return sorted(int(k[len(pre):]) for k, v in d.items() if k.startswith(pre) and k[len(pre):].isdigit() and _isnum(v))
+    return sorted(
+        int(k[len(pre) :]) for k, v in d.items() if k.startswith(pre) and k[len(pre) :].isdigit() and _isnum(v)
+    )
 
 
 def _order(dicts: list[dict]) -> list[str]:
@@ -155,14 +182,14 @@ def _order(dicts: list[dict]) -> list[str]:
 
 def _table(head: list[str], rows: list[list], best: bool = False) -> str:
     """Rows are ``[name, value, ...]``; numbers right-aligned; with ``best`` the top value of each row is bold."""
-    th = "".join(f'<th{" class=num" if i else ""}>{_e(h)}</th>' for i, h in enumerate(head))
+    th = "".join(f"<th{' class=num' if i else ''}>{_e(h)}</th>" for i, h in enumerate(head))
     body = []
     for name, *vals in rows:
         nums = [v for v in vals if _isnum(v)]
         top = max(nums) if best and len(nums) > 1 else None
         tds = "".join(f'<td class="num{" best" if top is not None and v == top else ""}">{_fmt(v)}</td>' for v in vals)
         body.append(f"<tr><th>{_e(name)}</th>{tds}</tr>")
-    return f'<table><thead><tr>{th}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _png(img: Image.Image) -> str:
@@ -197,7 +224,8 @@ def _summary(metrics: dict) -> str:
     rows = [[k, *(d.get(k) for _, d in systems)] for k in _order([d for _, d in systems])]
     return _table(["metric", *(s for s, _ in systems)], rows, best=True) + (
         '<p class="note">Best value per row in bold. faiss at the tuned search parameter; lsh = SimHash candidates '
-        "re-ranked exactly.</p>")
+        "re-ranked exactly.</p>"
+    )
 
 
 def _curves(metrics: dict) -> str:
@@ -225,8 +253,10 @@ def _ann(faiss: dict | None, sweep: list | None) -> str:
     pts = [p for p in sweep or [] if isinstance(p, dict)]
     param = next((k for k in ("nprobe", "efSearch") if any(k in p for p in pts)), None)
     rkey = next((k for p in pts for k in p if k.startswith("recall_vs_exact@")), None)
-    pts = sorted((p for p in pts if _isnum(p.get(rkey)) and _isnum(p.get("qps")) and p["qps"] > 0 and param in p),
-                 key=lambda p: p[param])
+    pts = sorted(
+        (p for p in pts if _isnum(p.get(rkey)) and _isnum(p.get("qps")) and p["qps"] > 0 and param in p),
+        key=lambda p: p[param],
+    )
     if pts:
         tuned = (faiss or {}).get(param)
         x, y = [p[rkey] for p in pts], [p["qps"] for p in pts]
@@ -236,8 +266,16 @@ def _ann(faiss: dict | None, sweep: list | None) -> str:
             for p in pts:
                 ax.annotate(str(p[param]), (p[rkey], p["qps"]), xytext=(5, 5), textcoords="offset points", fontsize=8)
                 if tuned is not None and p[param] == tuned:
-                    ax.scatter([p[rkey]], [p["qps"]], s=170, facecolors="none", edgecolors=PALETTE[3], lw=2,
-                               zorder=3, label=f"tuned {param}={tuned}")
+                    ax.scatter(
+                        [p[rkey]],
+                        [p["qps"]],
+                        s=170,
+                        facecolors="none",
+                        edgecolors=PALETTE[3],
+                        lw=2,
+                        zorder=3,
+                        label=f"tuned {param}={tuned}",
+                    )
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             comma = FuncFormatter(lambda v, _: f"{v:,.0f}")
@@ -266,7 +304,8 @@ def _lsh(lsh: dict | None) -> str:
         return ""
     return _table(["lsh", "value"], [[k, lsh[k]] for k in sorted(keys)]) + (
         '<p class="note">candidate_recall@k: share of the exact top-k found among the LSH candidates; '
-        "mean_candidates: candidates re-ranked per query.</p>")
+        "mean_candidates: candidates re-ranked per query.</p>"
+    )
 
 
 def _attention(att: dict | None, entropy: dict | None) -> str:
@@ -283,8 +322,12 @@ def _attention(att: dict | None, entropy: dict | None) -> str:
                 ax.hist(v, bins=bins, histtype="stepfilled", alpha=0.18, color=c)
                 label = f"{h} (n={len(v)}, median {np.median(v):.3f})"
                 ax.hist(v, bins=bins, histtype="step", lw=2, color=c, label=label)
-            ax.set(xlabel="normalized attention entropy (0 = one position, 1 = uniform)", ylabel="images",
-                   xlim=(0, 1), title="attention entropy per head")
+            ax.set(
+                xlabel="normalized attention entropy (0 = one position, 1 = uniform)",
+                ylabel="images",
+                xlim=(0, 1),
+                title="attention entropy per head",
+            )
             ax.legend()
             parts.append(_fig(fig))
     if heads:
@@ -297,8 +340,10 @@ def _attention(att: dict | None, entropy: dict | None) -> str:
             per = info.get("per_label") or {}
             if per:
                 rows = [[lab, per[lab].get("count"), *(per[lab].get(s) for s in stats)] for lab in sorted(per, key=str)]
-                parts.append(f"<details><summary>{_e(h)}: per label ({len(per)} labels)</summary>"
-                             f'<div class="scroll">{_table(["label", "count", *stats], rows)}</div></details>')
+                parts.append(
+                    f"<details><summary>{_e(h)}: per label ({len(per)} labels)</summary>"
+                    f'<div class="scroll">{_table(["label", "count", *stats], rows)}</div></details>'
+                )
     return "".join(parts)
 
 
@@ -350,16 +395,21 @@ def _overlay(img: Image.Image | None, attention, box) -> Image.Image:
     if box is not None and len(box) == 4 and all(_isnum(v) for v in box):
         x0, y0, x1, y1 = (float(v) for v in box)
         # Boxes are normalized (README); pixel boxes are scaled from the original image size when it is known.
-        sx, sy = (out.width, out.height) if max(x0, y0, x1, y1) <= 1.0 else (
-            (out.width / img.info["size0"][0], out.height / img.info["size0"][1]) if img is not None else (0, 0))
+        sx, sy = (
+            (out.width, out.height)
+            if max(x0, y0, x1, y1) <= 1.0
+            else ((out.width / img.info["size0"][0], out.height / img.info["size0"][1]) if img is not None else (0, 0))
+        )
         if sx:
             ImageDraw.Draw(out).rectangle([x0 * sx, y0 * sy, x1 * sx - 1, y1 * sy - 1], outline=(0, 229, 255), width=2)
     return out
 
 
 def _tile(img: Image.Image, cls: str, caption: str, sub: str = "") -> str:
-    return (f'<div class="tile {cls}"><img alt="{_e(caption)}" src="{_png(img)}">'
-            f'<div class="cap" title="{_e(caption)}">{_e(caption)}</div><div class="sub">{_e(sub)}</div></div>')
+    return (
+        f'<div class="tile {cls}"><img alt="{_e(caption)}" src="{_png(img)}">'
+        f'<div class="cap" title="{_e(caption)}">{_e(caption)}</div><div class="sub">{_e(sub)}</div></div>'
+    )
 
 
 def _grid(cards: list[dict]) -> str:
@@ -368,21 +418,36 @@ def _grid(cards: list[dict]) -> str:
         img = _open(card.get("image"))
         thumb = ImageOps.contain(img, (THUMB, THUMB)) if img is not None else _placeholder("no image")
         qid, label = str(card.get("query_id", "?")), card.get("label")
-        tiles = [_tile(thumb, "query", qid, f"label {label}" if label is not None else "query"),
-                 _tile(_overlay(img, card.get("attention"), card.get("box")) if card.get("attention") is not None
-                       else _placeholder("no attention"), "query", "attention",
-                       "box in cyan" if card.get("box") is not None else ""), '<div class="sep"></div>']
+        tiles = [
+            _tile(thumb, "query", qid, f"label {label}" if label is not None else "query"),
+            _tile(
+                _overlay(img, card.get("attention"), card.get("box"))
+                if card.get("attention") is not None
+                else _placeholder("no attention"),
+                "query",
+                "attention",
+                "box in cyan" if card.get("box") is not None else "",
+            ),
+            '<div class="sep"></div>',
+        ]
         for r in card.get("results") or []:
             rimg = _open(r.get("image"))
             rel = None if r.get("relevant") is None else bool(r["relevant"])  # numpy bools too
-            tiles.append(_tile(ImageOps.contain(rimg, (THUMB, THUMB)) if rimg is not None else _placeholder("no image"),
-                               "ok" if rel is True else "bad" if rel is False else "", str(r.get("id", "?")),
-                               ("✓ " if rel is True else "✗ " if rel is False else "")
-                               + (f"{r['score']:.4f}" if _isnum(r.get("score")) else "")))
+            tiles.append(
+                _tile(
+                    ImageOps.contain(rimg, (THUMB, THUMB)) if rimg is not None else _placeholder("no image"),
+                    "ok" if rel is True else "bad" if rel is False else "",
+                    str(r.get("id", "?")),
+                    ("✓ " if rel is True else "✗ " if rel is False else "")
+                    + (f"{r['score']:.4f}" if _isnum(r.get("score")) else ""),
+                )
+            )
         rows.append(f'<div class="q">{"".join(tiles)}</div>')
     if not rows:
         return ""
-    key = ('<p class="note key">Query, its attention map, then the top results by score. Border:'
-           '<span style="background:var(--ok)"></span>relevant<span style="background:var(--bad)"></span>not '
-           'relevant<span style="background:var(--none)"></span>unjudged</p>')
+    key = (
+        '<p class="note key">Query, its attention map, then the top results by score. Border:'
+        '<span style="background:var(--ok)"></span>relevant<span style="background:var(--bad)"></span>not '
+        'relevant<span style="background:var(--none)"></span>unjudged</p>'
+    )
     return key + "".join(rows)

@@ -62,13 +62,30 @@ class Dataset:
         box = t.column("box").to_pylist()
         boxes = np.array([b if b is not None else [np.nan] * 4 for b in box], np.float32).reshape(len(t), 4)
         pooling = store.dataset_metadata(path).get("attnpipe.pooling", "?")
-        return cls(path, np.array(t.column("id").to_pylist(), object), X,
-                   np.array(t.column("label").to_pylist(), object), A, boxes, pooling)
+        return cls(
+            path,
+            np.array(t.column("id").to_pylist(), object),
+            X,
+            np.array(t.column("label").to_pylist(), object),
+            A,
+            boxes,
+            pooling,
+        )
 
 
-def evaluate(embeddings: str, index_root: str, out: str, queries: str | None = None, qrels: str | None = None,
-             ks: tuple[int, ...] = DEFAULT_KS, num_queries: int = 1000, depth: int = 10_000, seed: int = 0,
-             compare: tuple[str, ...] = (), version: str | None = None) -> dict:
+def evaluate(
+    embeddings: str,
+    index_root: str,
+    out: str,
+    queries: str | None = None,
+    qrels: str | None = None,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    num_queries: int = 1000,
+    depth: int = 10_000,
+    seed: int = 0,
+    compare: tuple[str, ...] = (),
+    version: str | None = None,
+) -> dict:
     """Run the whole evaluation and publish ``out/{metrics.json, report.html}`` atomically; returns the metrics."""
     from attnpipe.evaluate.report import write_report
 
@@ -81,8 +98,10 @@ def evaluate(embeddings: str, index_root: str, out: str, queries: str | None = N
     q_ids, Q, q_labels, self_rows = _queries(gallery, queries, num_queries, seed, judged)
     is_rel, num_rel = _relevance(gallery, q_ids, q_labels, self_rows, judged)
     depth = min(len(gallery.ids), max(depth, max(ks)))
-    _log(f"eval: {len(q_ids)} queries vs {len(gallery.ids)} gallery vectors, depth {depth}"
-         f"{', leave-one-out' if self_rows is not None else ''}")
+    _log(
+        f"eval: {len(q_ids)} queries vs {len(gallery.ids)} gallery vectors, depth {depth}"
+        f"{', leave-one-out' if self_rows is not None else ''}"
+    )
 
     exact_rows = _exact_rankings(gallery.X, Q, depth, self_rows)
     metrics: dict = {"exact": ranking_metrics(is_rel(exact_rows), num_rel, ks)}
@@ -99,14 +118,23 @@ def evaluate(embeddings: str, index_root: str, out: str, queries: str | None = N
         entropies[ds.pooling] = stats["entropy"]
         if ds is not gallery:
             metrics.setdefault("heads", {gallery.pooling: metrics["exact"]})[ds.pooling] = _compare_exact(
-                ds, q_ids, queries is None, depth, ks, qrels)
+                ds, q_ids, queries is None, depth, ks, qrels
+            )
     metrics["attention"] = {"heads": heads}
-    metrics["meta"] = {"embeddings": os.path.abspath(embeddings), "index": os.path.abspath(index_root),
-                       "version": index.manifest["version"], "queries": len(q_ids), "gallery": len(gallery.ids),
-                       "depth": depth, "leave_one_out": self_rows is not None, "relevance": "qrels" if qrels else
-                       "label", "model": store.dataset_metadata(embeddings).get("attnpipe.model"),
-                       "pooling": gallery.pooling, "factory": index.manifest["faiss"]["factory"],
-                       "seconds": round(time.perf_counter() - start, 2)}
+    metrics["meta"] = {
+        "embeddings": os.path.abspath(embeddings),
+        "index": os.path.abspath(index_root),
+        "version": index.manifest["version"],
+        "queries": len(q_ids),
+        "gallery": len(gallery.ids),
+        "depth": depth,
+        "leave_one_out": self_rows is not None,
+        "relevance": "qrels" if qrels else "label",
+        "model": store.dataset_metadata(embeddings).get("attnpipe.model"),
+        "pooling": gallery.pooling,
+        "factory": index.manifest["faiss"]["factory"],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
     cards = _cards(gallery, q_ids, Q, exact_rows, is_rel, self_rows)
     stage = store.staging_dir(out)
     try:
@@ -235,8 +263,13 @@ def _faiss_section(index, to_rows, Q, self_rows, exact_rows, is_rel, num_rel, ks
         for v in [v for v in values if v <= max(tuned * 8, 16)][:10]:
             fx.set_search_param(index.indexes, param, v)
             r = _faiss_rows(index, to_rows, Q, 10, self_rows)
-            sweep.append({param: v, "recall_vs_exact@10": _overlap(r, exact_rows, 10),
-                          "qps": _speed(index.indexes, Q, 10, latency=False)[0]})
+            sweep.append(
+                {
+                    param: v,
+                    "recall_vs_exact@10": _overlap(r, exact_rows, 10),
+                    "qps": _speed(index.indexes, Q, 10, latency=False)[0],
+                }
+            )
         fx.set_search_param(index.indexes, param, tuned)
     return section, sweep
 
@@ -300,14 +333,25 @@ def _cards(gallery: Dataset, q_ids, Q, exact_rows, is_rel, self_rows, k: int = 5
     cards = []
     for j, i in enumerate(picks):
         qrow = self_rows[i] if self_rows is not None else None
-        cards.append({
-            "query_id": q_ids[i], "label": gallery.labels[qrow] if qrow is not None else None,
-            "image": images.get(q_ids[i]),
-            "attention": gallery.attention[qrow] if qrow is not None else None,
-            "box": None if qrow is None or np.isnan(gallery.boxes[qrow]).any() else gallery.boxes[qrow].tolist(),
-            "results": [{"id": gallery.ids[r], "score": float(gallery.X[r] @ Q[i]), "relevant": bool(rel[j, c]),
-                         "image": images.get(gallery.ids[r])} for c, r in enumerate(exact_rows[i, :k]) if r >= 0],
-        })
+        cards.append(
+            {
+                "query_id": q_ids[i],
+                "label": gallery.labels[qrow] if qrow is not None else None,
+                "image": images.get(q_ids[i]),
+                "attention": gallery.attention[qrow] if qrow is not None else None,
+                "box": None if qrow is None or np.isnan(gallery.boxes[qrow]).any() else gallery.boxes[qrow].tolist(),
+                "results": [
+                    {
+                        "id": gallery.ids[r],
+                        "score": float(gallery.X[r] @ Q[i]),
+                        "relevant": bool(rel[j, c]),
+                        "image": images.get(gallery.ids[r]),
+                    }
+                    for c, r in enumerate(exact_rows[i, :k])
+                    if r >= 0
+                ],
+            }
+        )
     return cards
 
 

@@ -100,8 +100,11 @@ def add_parts(trained: np.ndarray, parts: list[tuple[int, str]], queries: np.nda
         all_ids.extend(ids)
         all_fids.append(fids)
     k = TUNE_K + 1
-    D, I = fx.merge_topk([e[0] for e in exact], [e[1] for e in exact], k) if exact else fx.exact_topk(
-        np.zeros((0, queries.shape[1]), np.float32), np.zeros(0, np.int64), queries, k)
+    D, I = (
+        fx.merge_topk([e[0] for e in exact], [e[1] for e in exact], k)
+        if exact
+        else fx.exact_topk(np.zeros((0, queries.shape[1]), np.float32), np.zeros(0, np.int64), queries, k)
+    )
     return {
         "index": faiss.serialize_index(fx.to_cpu(index)),
         "ids": all_ids,
@@ -123,10 +126,21 @@ def split_parts(parts: list[tuple[int, str]], counts: list[int], workers: int) -
     return [sorted(g) for g in groups if g]
 
 
-def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str = "simhash", workers: int = 0,
-                target_recall: float = 0.95, queries: int = 1000, seed: int = 0, simhash_tables: int = 16,
-                simhash_bits: int = 12, minhash_perm: int = 128, dedup_threshold: float = 0.9,
-                _crash_before_publish: bool = False) -> dict:
+def build_index(
+    embeddings: str,
+    root: str,
+    factory: str | None = None,
+    lsh: str = "simhash",
+    workers: int = 0,
+    target_recall: float = 0.95,
+    queries: int = 1000,
+    seed: int = 0,
+    simhash_tables: int = 16,
+    simhash_bits: int = 12,
+    minhash_perm: int = 128,
+    dedup_threshold: float = 0.9,
+    _crash_before_publish: bool = False,
+) -> dict:
     """Build and publish a new index version of ``embeddings`` under ``root``; returns its manifest.
 
     Raises:
@@ -172,8 +186,10 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
     _, exact = fx.merge_topk([r["exact"][0] for r in results], [r["exact"][1] for r in results], TUNE_K + 1)
     tuning = fx.tune(indexes, Q, exact, TUNE_K, target_recall, self_ids=qids)
     if tuning["param"] and not tuning.get("reached"):
-        _log(f"index: warning: recall@{TUNE_K} {tuning[f'recall@{TUNE_K}']:.3f} at the largest {tuning['param']} "
-             f"stays under the target {target_recall}")
+        _log(
+            f"index: warning: recall@{TUNE_K} {tuning[f'recall@{TUNE_K}']:.3f} at the largest {tuning['param']} "
+            f"stays under the target {target_recall}"
+        )
     ids = [i for r in results for i in r["ids"]]
     fids = np.concatenate([r["fids"] for r in results])
 
@@ -184,14 +200,23 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
         write_ids(stage, fids, ids)
         codes = [r["codes"] for r in results if r["codes"] is not None]
         hashes = [r["hashes"] for r in results if r["hashes"] is not None]
-        lsh_meta = write_lsh(stage, lsh_cfg, codes, hashes, ids, fids, dedup_threshold, Q,
-                             fx.drop_self(exact, qids, TUNE_K))
+        lsh_meta = write_lsh(
+            stage, lsh_cfg, codes, hashes, ids, fids, dedup_threshold, Q, fx.drop_self(exact, qids, TUNE_K)
+        )
         if _crash_before_publish:
             raise RuntimeError("injected failure before publish (test hook)")
         manifest = {
-            "type": "attnpipe-index", "count": int(n), "dim": dim, "metric": "inner_product",
-            "faiss": {**faiss_meta(factory, kind, files, tuning, target_recall, len(Q)), "train_size": train_size,
-                      "factory_auto": factory_auto, "trained_count": int(n), "added_since_training": 0},
+            "type": "attnpipe-index",
+            "count": int(n),
+            "dim": dim,
+            "metric": "inner_product",
+            "faiss": {
+                **faiss_meta(factory, kind, files, tuning, target_recall, len(Q)),
+                "train_size": train_size,
+                "factory_auto": factory_auto,
+                "trained_count": int(n),
+                "added_since_training": 0,
+            },
             "lsh": lsh_meta,
             "update": {"mode": "full"},
             "workers": len(groups),
@@ -204,8 +229,10 @@ def build_index(embeddings: str, root: str, factory: str | None = None, lsh: str
         raise
     manifest = layout.load_manifest(root, version, verify=False)
     knob = f"{tuning['param']}={tuning['value']}, " if tuning["param"] else ""
-    _log(f"index: published {root}/{version}: {n} vectors, {knob}recall@10 {tuning[f'recall@{TUNE_K}']:.3f}, "
-         f"{manifest['build_seconds']} s")
+    _log(
+        f"index: published {root}/{version}: {n} vectors, {knob}recall@10 {tuning[f'recall@{TUNE_K}']:.3f}, "
+        f"{manifest['build_seconds']} s"
+    )
     return manifest
 
 
@@ -215,17 +242,27 @@ def ok_rows(path: str) -> int:
 
 
 def faiss_meta(factory: str, kind: str, files: list[str], tuning: dict, target_recall: float, queries: int) -> dict:
-    return {"factory": factory, "kind": kind, "files": files, tuning["param"] or "param": tuning["value"],
-            "recall@10": tuning[f"recall@{TUNE_K}"], "target_recall": target_recall, "tuning": tuning["sweep"],
-            "queries": queries}
+    return {
+        "factory": factory,
+        "kind": kind,
+        "files": files,
+        tuning["param"] or "param": tuning["value"],
+        "recall@10": tuning[f"recall@{TUNE_K}"],
+        "target_recall": target_recall,
+        "tuning": tuning["sweep"],
+        "queries": queries,
+    }
 
 
 def source_info(embeddings: str, src_manifest: dict) -> dict:
     """What a version was built from: the dataset, its model, shard fingerprints and part numbers (for updates)."""
-    return {"embeddings": os.path.abspath(embeddings), "model": src_manifest.get("model"),
-            "shards": {s["name"]: s["fingerprint"] for s in src_manifest["shards"]},
-            "parts": store.part_numbers(src_manifest),
-            "manifest_sha256": layout.checksum(os.path.join(embeddings, store.MANIFEST))}
+    return {
+        "embeddings": os.path.abspath(embeddings),
+        "model": src_manifest.get("model"),
+        "shards": {s["name"]: s["fingerprint"] for s in src_manifest["shards"]},
+        "parts": store.part_numbers(src_manifest),
+        "manifest_sha256": layout.checksum(os.path.join(embeddings, store.MANIFEST)),
+    }
 
 
 def write_ids(stage: str, fids: np.ndarray, ids: list[str]) -> None:
@@ -250,8 +287,17 @@ def write_faiss(stage: str, indexes: list[faiss.Index]) -> list[str]:
     return names
 
 
-def write_lsh(stage: str, cfg: dict, codes: list[np.ndarray], hashes: list[np.ndarray], ids: list[str],
-              fids: np.ndarray, threshold: float, Q: np.ndarray, exact: np.ndarray) -> dict:
+def write_lsh(
+    stage: str,
+    cfg: dict,
+    codes: list[np.ndarray],
+    hashes: list[np.ndarray],
+    ids: list[str],
+    fids: np.ndarray,
+    threshold: float,
+    Q: np.ndarray,
+    exact: np.ndarray,
+) -> dict:
     """SimHash tables from the codes and near-duplicate groups from the MinHashes, both in ``ids`` order."""
     meta: dict = {}
     if not cfg:
@@ -264,17 +310,27 @@ def write_lsh(stage: str, cfg: dict, codes: list[np.ndarray], hashes: list[np.nd
         table.add(np.concatenate(codes), fids)
         table.save(os.path.join(stage, "lsh", "simhash"))
         cands = table.candidates(Q)
-        meta["simhash"] = {**table.params, "centered": True, f"candidate_recall@{TUNE_K}": lsh_mod.candidate_recall(exact, cands),
-                           "mean_candidates": float(np.mean([len(c) for c in cands]))}
-        _log(f"index: simhash candidate recall@{TUNE_K} {meta['simhash'][f'candidate_recall@{TUNE_K}']:.3f} "
-             f"with {meta['simhash']['mean_candidates']:.0f} candidates per query on average")
+        meta["simhash"] = {
+            **table.params,
+            "centered": True,
+            f"candidate_recall@{TUNE_K}": lsh_mod.candidate_recall(exact, cands),
+            "mean_candidates": float(np.mean([len(c) for c in cands])),
+        }
+        _log(
+            f"index: simhash candidate recall@{TUNE_K} {meta['simhash'][f'candidate_recall@{TUNE_K}']:.3f} "
+            f"with {meta['simhash']['mean_candidates']:.0f} candidates per query on average"
+        )
     if "minhash" in cfg:
         allh = np.concatenate(hashes)
         np.save(os.path.join(stage, "lsh", "minhash.npy"), allh)
         groups = lsh_mod.near_duplicate_groups_from_hashes(ids, allh, threshold=threshold, **cfg["minhash"])
         pq.write_table(lsh_mod.dedup_table(groups), os.path.join(stage, "lsh", "near_duplicates.parquet"))
-        meta["minhash"] = {**cfg["minhash"], "threshold": threshold, "groups": len(groups),
-                           "note": "weighted MinHash of max(embedding, 0)"}
+        meta["minhash"] = {
+            **cfg["minhash"],
+            "threshold": threshold,
+            "groups": len(groups),
+            "note": "weighted MinHash of max(embedding, 0)",
+        }
     return meta
 
 

@@ -17,8 +17,10 @@ import math
 import faiss
 import numpy as np
 
-TUNE_VALUES = {"nprobe": [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096],
-               "efSearch": [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024]}
+TUNE_VALUES = {
+    "nprobe": [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096],
+    "efSearch": [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024],
+}
 
 
 def default_factory(n: int, dim: int) -> str:
@@ -135,8 +137,12 @@ def exact_topk(X: np.ndarray, ids: np.ndarray, Q: np.ndarray, k: int) -> tuple[n
     """Exact inner-product top-k of ``Q`` against ``X`` (ids mapped), with faiss's brute-force kernel."""
     if len(X) == 0:
         return np.full((len(Q), k), -np.inf, np.float32), np.full((len(Q), k), -1, np.int64)
-    D, I = faiss.knn(np.ascontiguousarray(Q, dtype=np.float32), np.ascontiguousarray(X, dtype=np.float32),
-                     min(k, len(X)), metric=faiss.METRIC_INNER_PRODUCT)
+    D, I = faiss.knn(
+        np.ascontiguousarray(Q, dtype=np.float32),
+        np.ascontiguousarray(X, dtype=np.float32),
+        min(k, len(X)),
+        metric=faiss.METRIC_INNER_PRODUCT,
+    )
     I = np.where(I >= 0, ids[np.clip(I, 0, None)], -1)
     if I.shape[1] < k:
         pad = k - I.shape[1]
@@ -147,8 +153,9 @@ def exact_topk(X: np.ndarray, ids: np.ndarray, Q: np.ndarray, k: int) -> tuple[n
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
     """Mean fraction of the exact top-k ids found in the approximate top-k."""
-    hits = [len(set(a[:k][a[:k] >= 0]) & set(e[:k][e[:k] >= 0])) / max((e[:k] >= 0).sum(), 1)
-            for a, e in zip(approx, exact)]
+    hits = [
+        len(set(a[:k][a[:k] >= 0]) & set(e[:k][e[:k] >= 0])) / max((e[:k] >= 0).sum(), 1) for a, e in zip(approx, exact)
+    ]
     return float(np.mean(hits)) if hits else 1.0
 
 
@@ -159,20 +166,28 @@ def drop_self(I: np.ndarray, self_ids: np.ndarray | None, k: int) -> np.ndarray:
     return np.stack([row[row != q][:k] for row, q in zip(I, self_ids)])
 
 
-def measure_recall(indexes: list[faiss.Index], Q: np.ndarray, exact_ids: np.ndarray, k: int,
-                   self_ids: np.ndarray | None = None) -> float:
+def measure_recall(
+    indexes: list[faiss.Index], Q: np.ndarray, exact_ids: np.ndarray, k: int, self_ids: np.ndarray | None = None
+) -> float:
     """recall@k vs exact at the current search parameter, leave-one-out when ``self_ids`` are given (see tune)."""
     found = drop_self(search(indexes, Q, k + 1)[1], self_ids, k)
     return recall_at_k(found, drop_self(exact_ids, self_ids, k), k)
 
 
-def tune(indexes: list[faiss.Index], Q: np.ndarray, exact_ids: np.ndarray, k: int, target: float,
-         self_ids: np.ndarray | None = None) -> dict:
+def tune(
+    indexes: list[faiss.Index],
+    Q: np.ndarray,
+    exact_ids: np.ndarray,
+    k: int,
+    target: float,
+    self_ids: np.ndarray | None = None,
+) -> dict:
     """Smallest nprobe/efSearch whose recall@k vs exact reaches ``target`` (else the best tried), with the sweep.
 
     ``Q`` are indexed vectors (ids ``self_ids``) searched leave-one-out: each query's own id is dropped from both
     result lists (``exact_ids`` holds k+1 columns), otherwise the trivially found self-match inflates recall.
     """
+
     def measure() -> float:
         return measure_recall(indexes, Q, exact_ids, k, self_ids)
 
@@ -187,5 +202,11 @@ def tune(indexes: list[faiss.Index], Q: np.ndarray, exact_ids: np.ndarray, k: in
             break
     best = sweep[-1]
     set_search_param(indexes, name, best[name])
-    return {"param": name, "value": best[name], f"recall@{k}": best[f"recall@{k}"], "target": target,
-            "reached": best[f"recall@{k}"] >= target, "sweep": sweep}
+    return {
+        "param": name,
+        "value": best[name],
+        f"recall@{k}": best[f"recall@{k}"],
+        "target": target,
+        "reached": best[f"recall@{k}"] >= target,
+        "sweep": sweep,
+    }

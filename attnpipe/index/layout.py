@@ -48,7 +48,9 @@ def next_version(root: str) -> str:
 def current_version(root: str) -> str:
     path = os.path.join(root, CURRENT)
     if not os.path.isfile(path):
-        raise IndexLayoutError(f"{root} has no {CURRENT} file: not an attnpipe index root (build one with `attnpipe index`)")
+        raise IndexLayoutError(
+            f"{root} has no {CURRENT} file: not an attnpipe index root (build one with `attnpipe index`)"
+        )
     with open(path) as f:
         version = f.read().strip()
     if not _VERSION.match(version) or not os.path.isdir(os.path.join(root, version)):
@@ -149,6 +151,8 @@ def load_manifest(root: str, version: str | None = None, verify: bool = True) ->
             if not os.path.isfile(file):
                 raise IndexLayoutError(f"index file {file} is missing (listed in {path})")
             if checksum(file) != expected:
-                raise IndexLayoutError(f"index file {file} is damaged: its sha256 does not match {path}; rebuild the index")
+                raise IndexLayoutError(
+                    f"index file {file} is damaged: its sha256 does not match {path}; rebuild the index"
+                )
     manifest["path"] = directory
     return manifest

@@ -33,8 +33,14 @@ from attnpipe.index.minhash import (
 )
 
 # The MinHash names are re-exported: the index builder takes all LSH functions from this module.
-__all__ = ["SimHashLSH", "candidate_recall", "dedup_table", "near_duplicate_groups",
-           "near_duplicate_groups_from_hashes", "weighted_minhash"]
+__all__ = [
+    "SimHashLSH",
+    "candidate_recall",
+    "dedup_table",
+    "near_duplicate_groups",
+    "near_duplicate_groups_from_hashes",
+    "weighted_minhash",
+]
 
 FORMAT = "attnpipe-simhash"
 FORMAT_VERSION = 1
@@ -54,8 +60,14 @@ class SimHashLSH:
             around the origin so the sign bits carry information (bit = ``(x - center) @ p > 0``).
     """
 
-    def __init__(self, dim: int, num_tables: int = 16, bits: int = 12, seed: int = 0,
-                 center: np.ndarray | list[float] | None = None):
+    def __init__(
+        self,
+        dim: int,
+        num_tables: int = 16,
+        bits: int = 12,
+        seed: int = 0,
+        center: np.ndarray | list[float] | None = None,
+    ):
         if dim < 1 or num_tables < 1 or not 1 <= bits <= 64:
             raise ValueError(f"need dim >= 1, num_tables >= 1 and 1 <= bits <= 64; got {dim}, {num_tables}, {bits}")
         self.dim, self.num_tables, self.bits, self.seed = int(dim), int(num_tables), int(bits), int(seed)
@@ -82,12 +94,12 @@ class SimHashLSH:
             raise ValueError(f"vectors have dim {X.shape[1]}, this LSH has dim {self.dim}")
         out = np.empty((len(X), self.num_tables), np.uint64)
         for s in range(0, len(X), batch_size):
-            bits = (X[s:s + batch_size] @ self.projections) > self.offsets  # (b, L * k)
+            bits = (X[s : s + batch_size] @ self.projections) > self.offsets  # (b, L * k)
             bits = bits.reshape(-1, self.num_tables, self.bits)  # (b, L * k) -> (b, L, k)
             packed = np.packbits(bits, axis=-1, bitorder="little")  # (b, L, ceil(k / 8)) bytes, bit b -> byte b // 8
             padded = np.zeros((*packed.shape[:2], 8), np.uint8)
-            padded[..., :packed.shape[2]] = packed
-            out[s:s + batch_size] = padded.view("<u8")[..., 0]  # 8 little-endian bytes -> one uint64 per table
+            padded[..., : packed.shape[2]] = packed
+            out[s : s + batch_size] = padded.view("<u8")[..., 0]  # 8 little-endian bytes -> one uint64 per table
         return out
 
     def add(self, codes: np.ndarray, ids: np.ndarray) -> None:
@@ -109,8 +121,16 @@ class SimHashLSH:
         self._ids = np.concatenate([self._ids, ids])
 
     @classmethod
-    def from_codes(cls, codes: np.ndarray, ids: np.ndarray, dim: int, num_tables: int = 16, bits: int = 12,
-                   seed: int = 0, center: np.ndarray | list[float] | None = None) -> SimHashLSH:
+    def from_codes(
+        cls,
+        codes: np.ndarray,
+        ids: np.ndarray,
+        dim: int,
+        num_tables: int = 16,
+        bits: int = 12,
+        seed: int = 0,
+        center: np.ndarray | list[float] | None = None,
+    ) -> SimHashLSH:
         """Tables built once from the codes of all parts (concatenated in part order)."""
         lsh = cls(dim, num_tables, bits, seed, center)
         lsh.add(codes, ids)
@@ -179,16 +199,22 @@ class SimHashLSH:
             return [np.zeros(0, np.int64) for _ in range(len(qcodes))]
         out: list[np.ndarray] = []
         for s in range(0, len(qcodes), batch_size):
-            q, pos, shared = self._candidate_positions(qcodes[s:s + batch_size])
+            q, pos, shared = self._candidate_positions(qcodes[s : s + batch_size])
             order = np.lexsort((pos, -shared, q))
             q, pos = q[order], pos[order]
             bounds = np.searchsorted(q, np.arange(min(batch_size, len(qcodes) - s) + 1))
             out.extend(self._ids[pos[a:b][:max_candidates]] for a, b in itertools.pairwise(bounds))
         return out
 
-    def search(self, Q: np.ndarray, X_lookup: np.ndarray | Callable[[np.ndarray], np.ndarray], k: int = 10,
-               max_candidates: int | None = None, threshold: float | None = None,
-               batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        Q: np.ndarray,
+        X_lookup: np.ndarray | Callable[[np.ndarray], np.ndarray],
+        k: int = 10,
+        max_candidates: int | None = None,
+        threshold: float | None = None,
+        batch_size: int = 1024,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by exact cosine among each query's candidates: ``(scores float32 (nq, k), ids int64 (nq, k))``.
 
         Args:
@@ -204,7 +230,7 @@ class SimHashLSH:
         scores = np.full((len(Q), k), -np.inf, np.float32)
         ids = np.full((len(Q), k), -1, np.int64)
         for s in range(0, len(Q), batch_size):
-            cands = self.candidates(Q[s:s + batch_size], max_candidates, batch_size)
+            cands = self.candidates(Q[s : s + batch_size], max_candidates, batch_size)
             uniq, inv = np.unique(np.concatenate(cands), return_inverse=True)  # fetch each vector once per batch
             if not len(uniq):
                 continue
@@ -215,8 +241,8 @@ class SimHashLSH:
                 sc = V[inv[a:b]] @ Qn[s + i]
                 keep = np.flatnonzero(sc >= threshold) if threshold is not None else np.arange(b - a)
                 top = keep[np.argsort(-sc[keep], kind="stable")[:k]]
-                scores[s + i, :len(top)] = sc[top]
-                ids[s + i, :len(top)] = cands[i][top]
+                scores[s + i, : len(top)] = sc[top]
+                ids[s + i, : len(top)] = cands[i][top]
         return scores, ids
 
     def save(self, path: str) -> None:
@@ -246,11 +272,18 @@ class SimHashLSH:
         if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path}/simhash.json is not an {FORMAT} v{FORMAT_VERSION} file: {meta}")
         lsh = cls(meta["dim"], meta["num_tables"], meta["bits"], meta["seed"])
-        arr = {n: np.load(os.path.join(path, f"{n}.npy"), mmap_mode="r" if mmap else None, allow_pickle=False)
-               for n in _FILES}
+        arr = {
+            n: np.load(os.path.join(path, f"{n}.npy"), mmap_mode="r" if mmap else None, allow_pickle=False)
+            for n in _FILES
+        }
         L, n = lsh.num_tables, meta["count"]
-        expected = {"projections": (lsh.dim, L * lsh.bits), "offsets": (L * lsh.bits,), "codes": (L, n), "pos": (L, n),
-                    "ids": (n,)}
+        expected = {
+            "projections": (lsh.dim, L * lsh.bits),
+            "offsets": (L * lsh.bits,),
+            "codes": (L, n),
+            "pos": (L, n),
+            "ids": (n,),
+        }
         for name, shape in expected.items():
             if arr[name].shape != shape:
                 raise ValueError(f"{path}/{name}.npy has shape {arr[name].shape}, simhash.json implies {shape}")
@@ -269,5 +302,5 @@ def candidate_recall(true_topk_ids: np.ndarray, candidates: Sequence[np.ndarray]
     ic = np.concatenate(candidates).astype(np.int64) if lens.sum() else np.zeros(0, np.int64)
     uniq, inv = np.unique(np.concatenate([ic, true[qt, col]]), return_inverse=True)  # ids -> 0..u-1
     u = len(uniq)
-    found = np.isin(qt * u + inv[len(ic):], qc * u + inv[:len(ic)])  # (query, id) pairs as one int64 key
+    found = np.isin(qt * u + inv[len(ic) :], qc * u + inv[: len(ic)])  # (query, id) pairs as one int64 key
     return float(found.mean())

@@ -55,18 +55,22 @@ def _check(X: np.ndarray) -> np.ndarray:
         raise ValueError(f"weighted_minhash needs real numbers, got dtype {X.dtype}")
     neg = (X < 0).any(1)  # on the input: a tiny negative float64 must not pass as float32 -0.0
     if neg.any():
-        raise ValueError(f"weighted MinHash needs non-negative weights; rows {_rows(neg)} have negative entries "
-                         "(clamp first, e.g. np.maximum(X, 0))")
+        raise ValueError(
+            f"weighted MinHash needs non-negative weights; rows {_rows(neg)} have negative entries "
+            "(clamp first, e.g. np.maximum(X, 0))"
+        )
     with np.errstate(over="ignore"):
         X32 = X.astype(np.float32, copy=False)  # datasketch casts each row to float32: tiny values may become 0
     bad = ~np.isfinite(X32).all(1)
     if bad.any():
-        raise ValueError(f"weighted MinHash needs finite weights; rows {_rows(bad)} have NaN or inf "
-                         "(after the float32 cast)")
+        raise ValueError(
+            f"weighted MinHash needs finite weights; rows {_rows(bad)} have NaN or inf (after the float32 cast)"
+        )
     zero = ~X32.any(1)
     if zero.any():
-        raise ValueError(f"weighted MinHash is undefined for all-zero rows (zero after the float32 cast): "
-                         f"rows {_rows(zero)}")
+        raise ValueError(
+            f"weighted MinHash is undefined for all-zero rows (zero after the float32 cast): rows {_rows(zero)}"
+        )
     return X32
 
 
@@ -83,8 +87,8 @@ def _hash_chunk(vlog: np.ndarray, rs: np.ndarray, ln_cs: np.ndarray, betas: np.n
     """
     c, d = vlog.shape
     P = rs.shape[0]
-    t = buf[:c * P * d].reshape(c, P, d)
-    ln_a = buf[c * P * d:2 * c * P * d].reshape(c, P, d)
+    t = buf[: c * P * d].reshape(c, P, d)
+    ln_a = buf[c * P * d : 2 * c * P * d].reshape(c, P, d)
     np.divide(vlog[:, None, :], rs, out=t)  # (c, 1, d) against (P, d) -> (c, P, d)
     np.add(t, betas, out=t)
     np.floor(t, out=t)  # t = floor(vlog / r + beta)
@@ -108,7 +112,7 @@ def _hash_cpu(X32: np.ndarray, draws: tuple[np.ndarray, ...], threads: int) -> n
     def run(block: range) -> None:
         buf = np.empty(2 * rows * P * d, np.float32)  # reused: fresh MiB-sized arrays per chunk cost page faults
         for s in range(block.start, block.stop, rows):
-            x = X32[s:min(s + rows, block.stop)]
+            x = X32[s : min(s + rows, block.stop)]
             cols = np.flatnonzero(x.any(0))
             with np.errstate(divide="ignore"):  # log(0) = -inf marks zero weights
                 # Sparse chunk: only its non-zero dims can win, but gathering the draws costs about 3 of the 7
@@ -119,7 +123,7 @@ def _hash_cpu(X32: np.ndarray, draws: tuple[np.ndarray, ...], threads: int) -> n
                     h[..., 0] = cols[h[..., 0]]  # cols ascend, so ties still go to the lowest dimension
                 else:
                     h = _hash_chunk(np.log(x), *draws, buf)
-            out[s:s + len(x)] = h
+            out[s : s + len(x)] = h
 
     blocks = min(threads, -(-n // rows))
     if blocks > 1:  # numpy ufuncs release the GIL; one contiguous block of rows per thread
@@ -142,17 +146,18 @@ def _hash_torch(X32: np.ndarray, draws: tuple[np.ndarray, ...], device: str) -> 
     out = torch.empty((len(X32), P, 2), dtype=torch.int64, device=device)
     step = max(1, (1 << 26) // (P * d))
     for s in range(0, len(X32), step):
-        vl = torch.from_numpy(vlog_all[s:s + step]).to(device)[:, None, :]  # (c, 1, d)
+        vl = torch.from_numpy(vlog_all[s : s + step]).to(device)[:, None, :]  # (c, 1, d)
         t = torch.floor(torch.div(vl, rs).add_(betas))
         ln_a = torch.sub(ln_cs, torch.sub(t, betas).mul_(rs)).sub_(rs)
         k = ln_a.argmin(-1)  # first minimum on ties (documented torch behaviour)
-        out[s:s + step, :, 0] = k
-        out[s:s + step, :, 1] = torch.gather(t, -1, k[..., None])[..., 0].to(torch.int64)
+        out[s : s + step, :, 0] = k
+        out[s : s + step, :, 1] = torch.gather(t, -1, k[..., None])[..., 0].to(torch.int64)
     return out.cpu().numpy()
 
 
-def weighted_minhash(X: np.ndarray, num_perm: int = 128, seed: int = 1, device: str | None = None,
-                     threads: int = 1) -> np.ndarray:
+def weighted_minhash(
+    X: np.ndarray, num_perm: int = 128, seed: int = 1, device: str | None = None, threads: int = 1
+) -> np.ndarray:
     """Weighted MinHash (Ioffe's ICWS) of every row, equal to datasketch's ``hashvalues`` bit for bit.
 
     Args:
@@ -189,8 +194,11 @@ def weighted_minhash(X: np.ndarray, num_perm: int = 128, seed: int = 1, device: 
         probe = np.unique(np.linspace(0, len(X32) - 1, min(len(X32), 64)).astype(int))
         _cuda_exact[device] = bool(np.array_equal(out[probe], _hash_cpu(X32[probe], draws, 1)))
         if not _cuda_exact[device]:
-            warnings.warn(f"weighted_minhash on {device} differs from datasketch's results; using the CPU path",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"weighted_minhash on {device} differs from datasketch's results; using the CPU path",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return _hash_cpu(X32, draws, max(1, threads))
     return out
 
@@ -200,8 +208,9 @@ def estimated_jaccard(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return (A == B).all(-1).mean(-1)
 
 
-def near_duplicate_groups_from_hashes(ids: Sequence[str], hashes: np.ndarray, threshold: float = 0.9,
-                                      num_perm: int | None = None, seed: int = 1) -> list[list[str]]:
+def near_duplicate_groups_from_hashes(
+    ids: Sequence[str], hashes: np.ndarray, threshold: float = 0.9, num_perm: int | None = None, seed: int = 1
+) -> list[list[str]]:
     """Near-duplicate groups from precomputed ``weighted_minhash`` output ``(n, P, 2)``.
 
     Candidates come from ``datasketch.MinHashLSH(threshold, num_perm)`` fed with ``WeightedMinHash`` objects and
@@ -246,8 +255,9 @@ def near_duplicate_groups_from_hashes(ids: Sequence[str], hashes: np.ndarray, th
     return sorted(sorted(g) for g in members.values() if len(g) > 1)
 
 
-def near_duplicate_groups(ids: Sequence[str], X: np.ndarray, threshold: float = 0.9, num_perm: int = 128,
-                          seed: int = 1) -> list[list[str]]:
+def near_duplicate_groups(
+    ids: Sequence[str], X: np.ndarray, threshold: float = 0.9, num_perm: int = 128, seed: int = 1
+) -> list[list[str]]:
     """Groups of ids whose rows of ``X`` (non-negative, see module doc) are near-duplicates by weighted Jaccard.
 
     Raises:
@@ -259,8 +269,10 @@ def near_duplicate_groups(ids: Sequence[str], X: np.ndarray, threshold: float = 
 
 def dedup_table(groups: list[list[str]]) -> pa.Table:
     """One row per grouped id: ``group`` (int32), ``id``, ``representative`` (the group's first id)."""
-    return pa.table({
-        "group": pa.array([g for g, members in enumerate(groups) for _ in members], pa.int32()),
-        "id": pa.array([i for members in groups for i in members], pa.string()),
-        "representative": pa.array([members[0] for members in groups for _ in members], pa.string()),
-    })
+    return pa.table(
+        {
+            "group": pa.array([g for g, members in enumerate(groups) for _ in members], pa.int32()),
+            "id": pa.array([i for members in groups for i in members], pa.string()),
+            "representative": pa.array([members[0] for members in groups for _ in members], pa.string()),
+        }
+    )

@@ -51,8 +51,9 @@ class Plan:
     retired: list[int] = field(default_factory=list)  # part numbers to remove
 
 
-def plan_update(embeddings: str, root: str, factory: str | None = None, lsh: str = "simhash",
-                max_growth: float = 0.5) -> Plan:
+def plan_update(
+    embeddings: str, root: str, factory: str | None = None, lsh: str = "simhash", max_growth: float = 0.5
+) -> Plan:
     """Decide how the index under ``root`` must follow the embeddings dataset (see the module docstring)."""
     src = store.read_manifest(embeddings)
     if not os.path.isfile(os.path.join(root, layout.CURRENT)):
@@ -81,13 +82,23 @@ def plan_update(embeddings: str, root: str, factory: str | None = None, lsh: str
         return Plan("full", f"--faiss {factory} differs from the live {f['factory']}", base, new, retired)
     n = sum(s["ok"] for s in src["shards"])
     if f.get("factory_auto") and fx.default_factory(n, base["dim"]) != f["factory"]:
-        return Plan("full", f"for {n} vectors the default factory is {fx.default_factory(n, base['dim'])}, "
-                            f"not {f['factory']}", base, new, retired)
+        return Plan(
+            "full",
+            f"for {n} vectors the default factory is {fx.default_factory(n, base['dim'])}, not {f['factory']}",
+            base,
+            new,
+            retired,
+        )
     parts = dict(build.part_paths(embeddings))
     added = sum(build.ok_rows(parts[p]) for p in new) + f.get("added_since_training", 0)
     if added >= max_growth * f.get("trained_count", base["count"]):
-        return Plan("full", f"{added} vectors added since the index was trained on {f.get('trained_count')} "
-                            f"(>= {max_growth:.0%})", base, new, retired)
+        return Plan(
+            "full",
+            f"{added} vectors added since the index was trained on {f.get('trained_count')} (>= {max_growth:.0%})",
+            base,
+            new,
+            retired,
+        )
     return Plan("incremental", f"+{len(new)} / -{len(retired)} parts", base, new, retired)
 
 
@@ -108,10 +119,19 @@ def _lsh_kinds(lsh: str) -> set[str]:
     return {"simhash", "minhash"} if lsh == "both" else set() if lsh == "none" else {lsh}
 
 
-def refresh_index(embeddings: str, root: str, factory: str | None = None, lsh: str | None = None,
-                  max_growth: float = 0.5, workers: int = 0, target_recall: float = 0.95, queries: int = 1000,
-                  seed: int = 0, dedup_threshold: float = 0.9,
-                  ray_address: str | None = None) -> tuple[dict | None, Plan]:
+def refresh_index(
+    embeddings: str,
+    root: str,
+    factory: str | None = None,
+    lsh: str | None = None,
+    max_growth: float = 0.5,
+    workers: int = 0,
+    target_recall: float = 0.95,
+    queries: int = 1000,
+    seed: int = 0,
+    dedup_threshold: float = 0.9,
+    ray_address: str | None = None,
+) -> tuple[dict | None, Plan]:
     """Bring the index under ``root`` up to date with ``embeddings``; returns (new manifest or None, the plan).
 
     ``factory``/``lsh`` left as None keep the live version's choices (a factory the user picked stays picked, even
@@ -126,14 +146,27 @@ def refresh_index(embeddings: str, root: str, factory: str | None = None, lsh: s
         manifest = update_index(embeddings, root, plan, workers, target_recall, queries, seed)
         if manifest is not None:
             return manifest, plan
-        plan = Plan("full", "recall at the previous nprobe fell under the target: data drifted", plan.base,
-                    plan.new, plan.retired)
+        plan = Plan(
+            "full",
+            "recall at the previous nprobe fell under the target: data drifted",
+            plan.base,
+            plan.new,
+            plan.retired,
+        )
         build._log(f"index: full rebuild ({plan.reason})")
     if plan.mode == "none":
         return None, plan
-    manifest = build.build_index(embeddings, root, factory=factory, lsh=lsh, workers=workers,
-                                 target_recall=target_recall, queries=queries, seed=seed,
-                                 dedup_threshold=dedup_threshold)
+    manifest = build.build_index(
+        embeddings,
+        root,
+        factory=factory,
+        lsh=lsh,
+        workers=workers,
+        target_recall=target_recall,
+        queries=queries,
+        seed=seed,
+        dedup_threshold=dedup_threshold,
+    )
     return manifest, plan
 
 
@@ -150,8 +183,15 @@ def scan_parts(parts: list[tuple[int, str]], queries: np.ndarray, k: int) -> tup
     return fx.merge_topk([d for d, _ in found], [i for _, i in found], k)
 
 
-def update_index(embeddings: str, root: str, plan: Plan, workers: int = 0, target_recall: float = 0.95,
-                 queries: int = 1000, seed: int = 0) -> dict | None:
+def update_index(
+    embeddings: str,
+    root: str,
+    plan: Plan,
+    workers: int = 0,
+    target_recall: float = 0.95,
+    queries: int = 1000,
+    seed: int = 0,
+) -> dict | None:
     """Publish the live version minus ``plan.retired`` plus ``plan.new`` parts; None if recall shows drift."""
     start = time.perf_counter()
     base = plan.base
@@ -177,13 +217,18 @@ def update_index(embeddings: str, root: str, plan: Plan, workers: int = 0, targe
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     trained_ref = ray.put(faiss.serialize_index(trained))
     counts = dict(zip((p for p, _ in parts), ok_counts))
-    adds = [build.add_parts.remote(trained_ref, g, Q, lsh_cfg)
-            for g in build.split_parts(new, [counts[p] for p, _ in new], workers)]
+    adds = [
+        build.add_parts.remote(trained_ref, g, Q, lsh_cfg)
+        for g in build.split_parts(new, [counts[p] for p, _ in new], workers)
+    ]
     scans = [scan_parts.remote(g, Q, k + 1) for g in build.split_parts(old, [counts[p] for p, _ in old], workers)]
     results, scanned = ray.get(adds), ray.get(scans)
     indexes = fx.merge([index, *(faiss.deserialize_index(r["index"]) for r in results)], base["faiss"]["kind"])
-    exact = fx.merge_topk([r["exact"][0] for r in results] + [d for d, _ in scanned],
-                          [r["exact"][1] for r in results] + [i for _, i in scanned], k + 1)[1]
+    exact = fx.merge_topk(
+        [r["exact"][0] for r in results] + [d for d, _ in scanned],
+        [r["exact"][1] for r in results] + [i for _, i in scanned],
+        k + 1,
+    )[1]
 
     f = base["faiss"]
     param = next((p for p in ("nprobe", "efSearch") if p in f), None)
@@ -205,19 +250,38 @@ def update_index(embeddings: str, root: str, plan: Plan, workers: int = 0, targe
         codes, hashes = _carried_lsh(base, keep, lsh_cfg)
         codes += [r["codes"] for r in results if r["codes"] is not None]
         hashes += [r["hashes"] for r in results if r["hashes"] is not None]
-        lsh_meta = build.write_lsh(stage, lsh_cfg, codes, hashes, ids, new_fids,
-                                   base.get("lsh", {}).get("minhash", {}).get("threshold", 0.9), Q,
-                                   fx.drop_self(exact, qids, k))
+        lsh_meta = build.write_lsh(
+            stage,
+            lsh_cfg,
+            codes,
+            hashes,
+            ids,
+            new_fids,
+            base.get("lsh", {}).get("minhash", {}).get("threshold", 0.9),
+            Q,
+            fx.drop_self(exact, qids, k),
+        )
         added = len(new_ids)
         manifest = {
-            "type": "attnpipe-index", "count": len(ids), "dim": base["dim"], "metric": base["metric"],
-            "faiss": {**build.faiss_meta(f["factory"], f["kind"], files, tuning, target_recall, len(Q)),
-                      **{key: f.get(key) for key in ("train_size", "factory_auto", "trained_count")},
-                      "added_since_training": f.get("added_since_training", 0) + added,
-                      f"recall@{k}_at_previous_{param or 'param'}": at_base},
+            "type": "attnpipe-index",
+            "count": len(ids),
+            "dim": base["dim"],
+            "metric": base["metric"],
+            "faiss": {
+                **build.faiss_meta(f["factory"], f["kind"], files, tuning, target_recall, len(Q)),
+                **{key: f.get(key) for key in ("train_size", "factory_auto", "trained_count")},
+                "added_since_training": f.get("added_since_training", 0) + added,
+                f"recall@{k}_at_previous_{param or 'param'}": at_base,
+            },
             "lsh": lsh_meta,
-            "update": {"mode": "incremental", "base": base["version"], "added_parts": len(plan.new),
-                       "removed_parts": len(plan.retired), "added_vectors": added, "removed_vectors": int(removed)},
+            "update": {
+                "mode": "incremental",
+                "base": base["version"],
+                "added_parts": len(plan.new),
+                "removed_parts": len(plan.retired),
+                "added_vectors": added,
+                "removed_vectors": int(removed),
+            },
             "workers": len(adds) + len(scans),
             "build_seconds": round(time.perf_counter() - start, 2),
             "source": build.source_info(embeddings, src),
@@ -226,8 +290,10 @@ def update_index(embeddings: str, root: str, plan: Plan, workers: int = 0, targe
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    build._log(f"index: published {root}/{version} incrementally from {base['version']}: {len(ids)} vectors "
-               f"(+{added} -{removed}), recall@{k} {tuning[f'recall@{k}']:.3f}")
+    build._log(
+        f"index: published {root}/{version} incrementally from {base['version']}: {len(ids)} vectors "
+        f"(+{added} -{removed}), recall@{k} {tuning[f'recall@{k}']:.3f}"
+    )
     return layout.load_manifest(root, version, verify=False)
 
 

@@ -74,7 +74,10 @@ def check_matches(meta: dict, backbone: str, pooling: str, image_size: int | Non
 
     ``image_size=None`` skips the size check (an ``ImageEncoder`` alone does not know the input size).
     """
-    wanted: dict[str, tuple[object, object]] = {"model.backbone": (meta["backbone"], backbone), "model.pooling": (meta["pooling"], pooling)}
+    wanted: dict[str, tuple[object, object]] = {
+        "model.backbone": (meta["backbone"], backbone),
+        "model.pooling": (meta["pooling"], pooling),
+    }
     if image_size is not None:
         wanted["data.image_size"] = (meta["image_size"], image_size)
     wrong = {k: v for k, v in wanted.items() if v[0] != v[1]}
@@ -127,5 +130,6 @@ def load_encoder_state(encoder, weights: str, meta: dict) -> None:
     try:
         encoder.load_state_dict(load_file(weights), strict=True)
     except RuntimeError as exc:
-        raise ArtifactError(f"{weights} does not fit a {meta['backbone']} + {meta['pooling']} encoder: "
-                            f"{str(exc)[:300]}") from exc
+        raise ArtifactError(
+            f"{weights} does not fit a {meta['backbone']} + {meta['pooling']} encoder: {str(exc)[:300]}"
+        ) from exc

@@ -46,9 +46,17 @@ def compat_record(cfg: Config, classes: list[str], data_fingerprint: str) -> dic
     """Everything a checkpoint's state depends on; a resumed run must match it exactly (JSON-ready)."""
     train = {k: v for k, v in cfg.to_dict()["train"].items() if k not in RESUMABLE_CHANGES}
     m = cfg.model
-    return {"format_version": FORMAT_VERSION, "backbone": m.backbone, "pooling": m.pooling, "seed": m.seed,
-            "weights": weights_fingerprint(m.weights, m.backbone, m.seed), "image_size": cfg.data.image_size,
-            "classes": list(classes), "data": data_fingerprint, "train": train}
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": m.backbone,
+        "pooling": m.pooling,
+        "seed": m.seed,
+        "weights": weights_fingerprint(m.weights, m.backbone, m.seed),
+        "image_size": cfg.data.image_size,
+        "classes": list(classes),
+        "data": data_fingerprint,
+        "train": train,
+    }
 
 
 def save_checkpoint(directory: str, state: dict, compat: dict) -> None:
@@ -91,8 +99,11 @@ def _differences(saved: dict, current: dict) -> list[str]:
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if key == "train" and isinstance(a, dict) and isinstance(b, dict):
-            out += [f"train.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                    if a.get(k) != b.get(k)]
+            out += [
+                f"train.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)
+            ]
         elif key == "classes" and a != b:
             out.append(f"labels: checkpoint {a}, now {b}")
         elif a != b:

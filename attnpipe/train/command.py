@@ -18,17 +18,32 @@ import json
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``train`` options to ``p``."""
     p.add_argument("--input", nargs="+", required=True, help="labeled shard files or directories (local or URI)")
-    p.add_argument("--out", required=True,
-                   help="trained encoder, a .safetensors file; its sidecar <stem>.json and checkpoints <stem>.ckpt/ "
-                        "go next to it")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="trained encoder, a .safetensors file; its sidecar <stem>.json and checkpoints <stem>.ckpt/ go next to it",
+    )
     p.add_argument("--config", help="YAML config file (sections model/data/encode/train)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.epochs=30 --set train.lr=0.001 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=30 --set train.lr=0.001 (repeatable)",
+    )
     p.add_argument("--pooling", default=None, help="the head to train; same as a last --set model.pooling=NAME")
-    p.add_argument("--ray-address", default=None,
-                   help="join this Ray cluster when train.workers > 0 (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="delete any checkpoint next to --out and start from epoch 1")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster when train.workers > 0 (default: $RAY_ADDRESS, else a local Ray)",
+    )
+    p.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="delete any checkpoint next to --out and start from epoch 1",
+    )
     p.add_argument("--json", action="store_true", help="print the training summary as one JSON line on stdout")
 
 
@@ -44,7 +59,9 @@ def run_train_command(args: argparse.Namespace) -> int:
         print(json.dumps(summary), flush=True)
     else:
         best = summary["history"][summary["best_epoch"] - 1] if summary["best_epoch"] else {}
-        print(f"wrote {summary['weights']} (best epoch {summary['best_epoch']}: val map@r "
-              f"{best.get('map@r', float('nan')):.4f}, p@1 {best.get('precision@1', float('nan')):.4f}); "
-              f"encode with --set model.weights={summary['weights']}")
+        print(
+            f"wrote {summary['weights']} (best epoch {summary['best_epoch']}: val map@r "
+            f"{best.get('map@r', float('nan')):.4f}, p@1 {best.get('precision@1', float('nan')):.4f}); "
+            f"encode with --set model.weights={summary['weights']}"
+        )
     return 0

@@ -75,8 +75,13 @@ def load_labeled(inputs: list[str], data: DataConfig, threads: int = 0) -> Label
         raise InputError(f"no labeled image could be decoded from {inputs} (skipped: {skipped})")
     rows.sort(key=lambda r: r[0])
     ids, pixels, labels, boxes = zip(*rows)
-    return LabeledImages(np.array(ids, object), np.stack(pixels), np.array(labels, object),
-                         np.array(boxes, np.float32).reshape(-1, 4), skipped)
+    return LabeledImages(
+        np.array(ids, object),
+        np.stack(pixels),
+        np.array(labels, object),
+        np.array(boxes, np.float32).reshape(-1, 4),
+        skipped,
+    )
 
 
 def _load_unit(unit: dict, data: DataConfig) -> tuple[list, int, int]:

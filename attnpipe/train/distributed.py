@@ -26,8 +26,9 @@ from attnpipe.train.checkpoint import checkpoint_dir
 from attnpipe.train.fit import Job, fit, stderr_progress
 
 
-def run_distributed(job: Job, ray_address: str | None = None,
-                    progress: Callable[[str], None] = stderr_progress) -> dict:
+def run_distributed(
+    job: Job, ray_address: str | None = None, progress: Callable[[str], None] = stderr_progress
+) -> dict:
     """Run ``job`` on ``job.cfg.train.workers`` Ray Train workers; returns the last reported metrics."""
     import ray
     import ray.train
@@ -60,5 +61,11 @@ def _worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     job = ray.get(config["job"])
-    fit(job, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), ray.train.report,
-        config["progress"])
+    fit(
+        job,
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        ray.train.torch.get_device(),
+        ray.train.report,
+        config["progress"],
+    )

@@ -73,8 +73,14 @@ class _Run:
     dtype: torch.dtype
 
 
-def fit(job: Job, rank: int = 0, world: int = 1, device: torch.device | None = None,
-        report: Callable[[dict], None] | None = None, progress: Callable[[str], None] = stderr_progress) -> None:
+def fit(
+    job: Job,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | None = None,
+    report: Callable[[dict], None] | None = None,
+    progress: Callable[[str], None] = stderr_progress,
+) -> None:
     """Train ``job`` on this rank; rank 0 writes checkpoints and the artifact at ``job.out``.
 
     Raises:
@@ -90,8 +96,19 @@ def fit(job: Job, rank: int = 0, world: int = 1, device: torch.device | None = N
     batch = max(2, t.batch_size // world)
     for epoch in range(st["epoch"], t.epochs if not st["stopped"] else st["epoch"]):
         start = time.perf_counter()
-        stats = train_epoch(run.wrapped, run.optimizer, run.inputs, run.targets, run.boxes, batch, t.seed, epoch,
-                            rank, run.device, run.dtype)
+        stats = train_epoch(
+            run.wrapped,
+            run.optimizer,
+            run.inputs,
+            run.targets,
+            run.boxes,
+            batch,
+            t.seed,
+            epoch,
+            rank,
+            run.device,
+            run.dtype,
+        )
         stats = _mean_over_ranks(stats, run.device) if world > 1 else stats
         stop = _validate_and_save(job, run, st, epoch, stats, start, progress) if rank == 0 else False
         stop = _broadcast_flag(stop, run.device) if world > 1 else stop
@@ -111,28 +128,41 @@ def _build(job: Job, rank: int, world: int, device: torch.device) -> _Run:
     encoder = ImageEncoder(cfg.model).to(device)
     backbone_trains = bool(set_trainable(encoder, cfg.model.backbone, t.unfreeze))
     if not any(p.requires_grad for p in encoder.parameters()):
-        raise ValueError(f"model.pooling={cfg.model.pooling} has no parameters and train.unfreeze=none freezes the "
-                         "backbone: nothing to train; pick a learned head (attn, mha, gem) or train.unfreeze=last")
+        raise ValueError(
+            f"model.pooling={cfg.model.pooling} has no parameters and train.unfreeze=none freezes the "
+            "backbone: nothing to train; pick a learned head (attn, mha, gem) or train.unfreeze=last"
+        )
     objective = Objective(encoder.dim, len(job.data.classes), t, seed=t.seed)
     model = TrainModel(encoder, objective, from_features=t.unfreeze == "none").to(device)
     mine = _slice(job.train_rows, rank, world)
     val_inputs = _inputs(model, job.data.pixels[job.val_rows], device, dtype) if rank == 0 else None
-    return _Run(model, _ddp(model, device, t.unfreeze) if world > 1 else model,
-                _optimizer(model, backbone_trains, t), _inputs(model, job.data.pixels[mine], device, dtype),
-                torch.from_numpy(job.data.targets()[mine]), torch.from_numpy(job.data.boxes[mine]), val_inputs,
-                backbone_trains, device, dtype)
+    return _Run(
+        model,
+        _ddp(model, device, t.unfreeze) if world > 1 else model,
+        _optimizer(model, backbone_trains, t),
+        _inputs(model, job.data.pixels[mine], device, dtype),
+        torch.from_numpy(job.data.targets()[mine]),
+        torch.from_numpy(job.data.boxes[mine]),
+        val_inputs,
+        backbone_trains,
+        device,
+        dtype,
+    )
 
 
-def _validate_and_save(job: Job, run: _Run, st: dict, epoch: int, stats: dict, start: float,
-                       progress: Callable[[str], None]) -> bool:
+def _validate_and_save(
+    job: Job, run: _Run, st: dict, epoch: int, stats: dict, start: float, progress: Callable[[str], None]
+) -> bool:
     """Rank 0 after each epoch: validate, record, checkpoint, print; True when early stopping says stop."""
     assert run.val_inputs is not None  # built on rank 0
     emb = embed_all(run.model, run.val_inputs, run.device, run.dtype)
     val = retrieval_metrics(emb, job.data.labels[job.val_rows])
-    stop = _record(st, epoch, stats, val, time.perf_counter() - start, run.model, run.backbone_trains,
-                   job.cfg.train.patience)
-    ckpt.save_checkpoint(ckpt.checkpoint_dir(job.out), _state(st, run.model, run.optimizer, run.backbone_trains),
-                         job.compat)
+    stop = _record(
+        st, epoch, stats, val, time.perf_counter() - start, run.model, run.backbone_trains, job.cfg.train.patience
+    )
+    ckpt.save_checkpoint(
+        ckpt.checkpoint_dir(job.out), _state(st, run.model, run.optimizer, run.backbone_trains), job.compat
+    )
     progress(_line(st["history"][-1], job.cfg.train.epochs, epoch == st["best"]["epoch"] - 1))
     return stop
 
@@ -168,8 +198,13 @@ def _optimizer(model: TrainModel, backbone_trains: bool, t) -> torch.optim.Optim
 
 
 def _restore(saved: dict | None, model: TrainModel, optimizer, backbone_trains: bool) -> dict:
-    st = {"epoch": 0, "history": [], "best": {"epoch": 0, "map@r": -1.0, "state": None}, "bad_epochs": 0,
-          "stopped": False}
+    st = {
+        "epoch": 0,
+        "history": [],
+        "best": {"epoch": 0, "map@r": -1.0, "state": None},
+        "bad_epochs": 0,
+        "stopped": False,
+    }
     if saved is None:
         return st
     model.load_trainable_state(saved["model"], backbone_trains)
@@ -178,17 +213,34 @@ def _restore(saved: dict | None, model: TrainModel, optimizer, backbone_trains: 
     return {k: saved[k] for k in st}
 
 
-def _record(st: dict, epoch: int, stats: dict, val: dict, seconds: float, model: TrainModel,
-            backbone_trains: bool, patience: int) -> bool:
+def _record(
+    st: dict,
+    epoch: int,
+    stats: dict,
+    val: dict,
+    seconds: float,
+    model: TrainModel,
+    backbone_trains: bool,
+    patience: int,
+) -> bool:
     """Append the epoch to the history, keep the best weights; True when early stopping says stop."""
-    row = {"epoch": epoch + 1, "loss": stats.get("loss", float("nan")), "attn_loss": stats.get("attn"),
-           "metric_loss": stats.get("metric"), "map@r": val["map@r"], "precision@1": val["precision@1"],
-           "seconds": round(seconds, 3)}
+    row = {
+        "epoch": epoch + 1,
+        "loss": stats.get("loss", float("nan")),
+        "attn_loss": stats.get("attn"),
+        "metric_loss": stats.get("metric"),
+        "map@r": val["map@r"],
+        "precision@1": val["precision@1"],
+        "seconds": round(seconds, 3),
+    }
     st["history"].append(row)
     st["epoch"] = epoch + 1
     if val["map@r"] > st["best"]["map@r"]:
-        state = {k: v.detach().cpu().clone() for k, v in model.encoder.state_dict().items()
-                 if backbone_trains or k.startswith("head.")}
+        state = {
+            k: v.detach().cpu().clone()
+            for k, v in model.encoder.state_dict().items()
+            if backbone_trains or k.startswith("head.")
+        }
         st["best"] = {"epoch": epoch + 1, "map@r": val["map@r"], "state": state}
         st["bad_epochs"] = 0
     else:
@@ -198,8 +250,12 @@ def _record(st: dict, epoch: int, stats: dict, val: dict, seconds: float, model:
 
 
 def _state(st: dict, model: TrainModel, optimizer, backbone_trains: bool) -> dict:
-    return {**st, "model": model.trainable_state(backbone_trains), "optimizer": optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state()}
+    return {
+        **st,
+        "model": model.trainable_state(backbone_trains),
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
 
 
 def _mean_over_ranks(stats: dict, device: torch.device) -> dict:
@@ -217,8 +273,10 @@ def _broadcast_flag(flag: bool, device: torch.device) -> bool:
 
 def _line(row: dict, epochs: int, best: bool) -> str:
     attn = f"  attn {row['attn_loss']:.4f}" if row["attn_loss"] is not None else ""
-    return (f"train: epoch {row['epoch']}/{epochs}  loss {row['loss']:.4f}{attn}  val map@r {row['map@r']:.4f}  "
-            f"p@1 {row['precision@1']:.4f}  {row['seconds']:.1f}s{'  *best' if best else ''}")
+    return (
+        f"train: epoch {row['epoch']}/{epochs}  loss {row['loss']:.4f}{attn}  val map@r {row['map@r']:.4f}  "
+        f"p@1 {row['precision@1']:.4f}  {row['seconds']:.1f}s{'  *best' if best else ''}"
+    )
 
 
 def _write_artifact(job: Job, model: TrainModel, st: dict) -> None:
@@ -227,11 +285,24 @@ def _write_artifact(job: Job, model: TrainModel, st: dict) -> None:
     if st["best"]["state"] is not None:
         encoder.load_state_dict(st["best"]["state"], strict=False)
     cfg = job.cfg
-    meta = {"backbone": cfg.model.backbone, "pooling": cfg.model.pooling, "image_size": cfg.data.image_size,
-            "embedding_dim": encoder.dim, "normalization": normalization(), "labels": job.data.classes,
-            "model": cfg.to_dict()["model"], "train": cfg.to_dict()["train"], "history": st["history"],
-            "best_epoch": st["best"]["epoch"], "stopped_early": st["stopped"],
-            "source_weights": weights_fingerprint(cfg.model.weights, cfg.model.backbone, cfg.model.seed),
-            "data": {"fingerprint": job.compat["data"], "train_images": len(job.train_rows),
-                     "val_images": len(job.val_rows), "skipped": job.data.skipped}}
+    meta = {
+        "backbone": cfg.model.backbone,
+        "pooling": cfg.model.pooling,
+        "image_size": cfg.data.image_size,
+        "embedding_dim": encoder.dim,
+        "normalization": normalization(),
+        "labels": job.data.classes,
+        "model": cfg.to_dict()["model"],
+        "train": cfg.to_dict()["train"],
+        "history": st["history"],
+        "best_epoch": st["best"]["epoch"],
+        "stopped_early": st["stopped"],
+        "source_weights": weights_fingerprint(cfg.model.weights, cfg.model.backbone, cfg.model.seed),
+        "data": {
+            "fingerprint": job.compat["data"],
+            "train_images": len(job.train_rows),
+            "val_images": len(job.val_rows),
+            "skipped": job.data.skipped,
+        },
+    }
     artifact.save_encoder(encoder.cpu(), job.out, meta)

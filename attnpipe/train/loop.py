@@ -26,9 +26,19 @@ class TrainingDiverged(ValueError):
     """Held-out embeddings became NaN or infinite."""
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor, targets: Tensor, boxes: Tensor,
-                batch_size: int, seed: int, epoch: int, rank: int = 0, device: torch.device | None = None,
-                dtype: torch.dtype = torch.float32) -> dict[str, float]:
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: Tensor,
+    targets: Tensor,
+    boxes: Tensor,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, float]:
     """One pass over ``inputs`` (this worker's rows) in shuffled batches; returns mean loss and its parts.
 
     ``model`` is a :class:`~attnpipe.train.trainable.TrainModel`, possibly DDP-wrapped. A last batch of one row is
@@ -56,8 +66,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tens
 
 
 @torch.inference_mode()
-def embed_all(model: TrainModel, inputs: Tensor, device: torch.device, dtype: torch.dtype,
-              batch_size: int = 128) -> np.ndarray:
+def embed_all(
+    model: TrainModel, inputs: Tensor, device: torch.device, dtype: torch.dtype, batch_size: int = 128
+) -> np.ndarray:
     """L2-normalized embeddings ``(N, D)`` float32 of cached maps or uint8 images, in eval mode."""
     model.eval()
     out = []
@@ -78,8 +89,9 @@ def retrieval_metrics(emb: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """
     if not np.isfinite(emb).all():
         bad = int((~np.isfinite(emb)).any(1).sum())
-        raise TrainingDiverged(f"{bad} of {len(emb)} held-out embeddings are not finite: training diverged "
-                                 "(try a lower train.lr)")
+        raise TrainingDiverged(
+            f"{bad} of {len(emb)} held-out embeddings are not finite: training diverged (try a lower train.lr)"
+        )
     labels = np.asarray(labels, dtype=object)
     n = len(emb)
     ranking = np.argsort(-(emb @ emb.T), axis=1, kind="stable")  # (N, N) by cosine, descending

@@ -39,8 +39,9 @@ def set_trainable(encoder: ImageEncoder, backbone: str, unfreeze: str) -> list[n
     return [p for p in encoder.backbone.parameters() if p.requires_grad]
 
 
-def feature_maps(encoder: ImageEncoder, pixels: np.ndarray, device: torch.device, dtype: torch.dtype,
-                 batch_size: int = 64) -> Tensor:
+def feature_maps(
+    encoder: ImageEncoder, pixels: np.ndarray, device: torch.device, dtype: torch.dtype, batch_size: int = 64
+) -> Tensor:
     """Backbone maps of uint8 images ``(N, S, S, 3)`` -> float32 ``(N, C, h, w)`` on the CPU."""
     encoder.backbone.eval()
     # cat outside inference_mode: the result is an ordinary tensor that autograd may use as a head input
@@ -48,8 +49,9 @@ def feature_maps(encoder: ImageEncoder, pixels: np.ndarray, device: torch.device
 
 
 @torch.inference_mode()
-def _backbone_batches(encoder: ImageEncoder, pixels: np.ndarray, device: torch.device, dtype: torch.dtype,
-                      batch_size: int) -> list[Tensor]:
+def _backbone_batches(
+    encoder: ImageEncoder, pixels: np.ndarray, device: torch.device, dtype: torch.dtype, batch_size: int
+) -> list[Tensor]:
     out = []
     for s in range(0, len(pixels), batch_size):
         x = normalize_uint8(torch.from_numpy(np.ascontiguousarray(pixels[s : s + batch_size])).to(device))
@@ -81,12 +83,16 @@ class TrainModel(nn.Module):
 
     def trainable_state(self, backbone_trains: bool) -> dict[str, Tensor]:
         """State that training changes: everything but the frozen backbone (whose weights are the source's)."""
-        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()
-                if backbone_trains or not k.startswith("encoder.backbone.")}
+        return {
+            k: v.detach().cpu().clone()
+            for k, v in self.state_dict().items()
+            if backbone_trains or not k.startswith("encoder.backbone.")
+        }
 
     def load_trainable_state(self, state: dict[str, Tensor], backbone_trains: bool) -> None:
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if backbone_trains or not k.startswith("encoder.backbone.")]
         if missing or unexpected:
-            raise ValueError(f"checkpoint state does not fit the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"checkpoint state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )

@@ -28,8 +28,16 @@ from attnpipe.train.data import load_labeled, split_holdout
 from attnpipe.train.fit import Job, fit, stderr_progress
 
 
-def train_head(inputs: list[str], out: str, cfg: Config, *, resume: bool = True, ray_address: str | None = None,
-               progress: Callable[[str], None] = stderr_progress, _crash_after: int | None = None) -> dict:
+def train_head(
+    inputs: list[str],
+    out: str,
+    cfg: Config,
+    *,
+    resume: bool = True,
+    ray_address: str | None = None,
+    progress: Callable[[str], None] = stderr_progress,
+    _crash_after: int | None = None,
+) -> dict:
     """Train ``cfg.model.pooling`` (with ``cfg.train``) on the labeled images of ``inputs``; write ``out``.
 
     Args:
@@ -59,9 +67,11 @@ def train_head(inputs: list[str], out: str, cfg: Config, *, resume: bool = True,
     if not resume:
         ckpt.remove_checkpoint(directory)
     state = ckpt.load_checkpoint(directory, compat)
-    progress(f"train: {len(train_rows)} training and {len(val_rows)} held-out images, {len(data.classes)} labels, "
-             f"skipped {data.skipped}; {cfg.model.backbone} + {cfg.model.pooling}, unfreeze={cfg.train.unfreeze}, "
-             f"workers={cfg.train.workers}")
+    progress(
+        f"train: {len(train_rows)} training and {len(val_rows)} held-out images, {len(data.classes)} labels, "
+        f"skipped {data.skipped}; {cfg.model.backbone} + {cfg.model.pooling}, unfreeze={cfg.train.unfreeze}, "
+        f"workers={cfg.train.workers}"
+    )
     job = Job(cfg, out, data, train_rows, val_rows, compat, state, _crash_after)
     if cfg.train.workers == 0:
         fit(job, progress=progress)
@@ -72,11 +82,21 @@ def train_head(inputs: list[str], out: str, cfg: Config, *, resume: bool = True,
     meta = read_sidecar(out)
     if meta is None:
         raise RuntimeError(f"training finished but no artifact sidecar was found at {sidecar_path(out)}")
-    return {"weights": out, "sidecar": sidecar_path(out), "checkpoint": directory,
-            "start_epoch": state["epoch"] if state else 0, "epochs_done": len(meta["history"]),
-            "best_epoch": meta["best_epoch"], "stopped_early": meta["stopped_early"], "history": meta["history"],
-            "train_images": len(train_rows), "val_images": len(val_rows), "skipped": data.skipped,
-            "labels": data.classes, "seconds": round(time.perf_counter() - start, 2)}
+    return {
+        "weights": out,
+        "sidecar": sidecar_path(out),
+        "checkpoint": directory,
+        "start_epoch": state["epoch"] if state else 0,
+        "epochs_done": len(meta["history"]),
+        "best_epoch": meta["best_epoch"],
+        "stopped_early": meta["stopped_early"],
+        "history": meta["history"],
+        "train_images": len(train_rows),
+        "val_images": len(val_rows),
+        "skipped": data.skipped,
+        "labels": data.classes,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 def train_for_demo(inputs: list[str], out: str, cfg: Config, epochs: int = 5) -> str:
