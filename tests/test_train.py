@@ -350,3 +350,17 @@ def test_encode_job_with_the_artifact_writes_the_trained_embeddings(ray_session,
     assert sorted(ids) == sorted(expected)
     np.testing.assert_allclose(X, np.stack([expected[i] for i in ids]), atol=1e-5, rtol=0)
     assert store.dataset_metadata(emb)["attnpipe.weights"] == f"sha256:{read_sidecar(out)['sha256'][:16]}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_gpu_writes_an_artifact_the_cpu_encoder_loads(tiny, tiny_trained, tmp_path):
+    """GPU twin of the CPU training tests: the same schedule on CUDA learns as well, and the artifact moves to CPU."""
+    out = str(tmp_path / "gpu.safetensors")
+    summary = train_head([str(tiny / "data")], out, fast_config(*TINY, "train.epochs=3"), progress=_quiet)
+    assert summary["epochs_done"] == 3
+    best_gpu = max(h["map@r"] for h in summary["history"])
+    assert best_gpu > max(h["map@r"] for h in tiny_trained["history"]) - 0.1  # CPU run of the same schedule
+    pixels = load_labeled([str(tiny / "data")], fast_config().data).pixels[:8]
+    cpu = EncoderRunner(ModelConfig(backbone="resnet18", pooling="attn", weights=out), precision="fp32", device="cpu")
+    np.testing.assert_allclose(np.linalg.norm(cpu(pixels)["embedding"], axis=1), 1.0, atol=1e-5)
