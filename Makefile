@@ -32,6 +32,7 @@ lint: $(STAMP)
 	$(BIN)/pip install -q ruff mypy
 	$(BIN)/ruff check attnpipe jobs tests bench
 	$(BIN)/ruff format --check attnpipe jobs tests bench
+	$(BIN)/mypy attnpipe
 
 bench: $(STAMP)
 	$(BIN)/python bench/encode_throughput.py

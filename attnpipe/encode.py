@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -70,7 +71,8 @@ class EncodeActor:
             emb[ok], attn[ok] = out["embedding"], out["attention"].reshape(-1, pos)
             for k, column in stats.items():
                 column[ok] = out[k]
-        box = np.stack(batch["box"]).astype(np.float32).reshape(n, 4)  # NaN rows: no box
+        box = np.stack(list(batch["box"])).astype(np.float32).reshape(n, 4)  # NaN rows: no box
+        has_box = np.asarray(~np.isnan(box).any(1))  # asarray: numpy's stubs type a reduction as scalar | array
         cols = {
             **{c: _strings(batch[c]) for c in ("id", "shard", "key", "label", "status", "error")},
             "embedding": store.fixed_list(emb, ok, self.schema.field("embedding").type),
@@ -78,7 +80,7 @@ class EncodeActor:
             "attn_h": pa.array(np.where(ok, self.h, 0).astype(np.int16)),
             "attn_w": pa.array(np.where(ok, self.w, 0).astype(np.int16)),
             **{k: pa.array(v, mask=~ok) for k, v in stats.items()},
-            "box": store.fixed_list(box, ~np.isnan(box).any(1), self.schema.field("box").type),
+            "box": store.fixed_list(box, has_box, self.schema.field("box").type),
         }
         return pa.table(cols, schema=self.schema)
 
@@ -194,14 +196,11 @@ def build_dataset(shards, cfg: Config) -> ray.data.Dataset:
     units = read_units(shards, d.read_chunk)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     pool = e.num_encoders or max(gpus, 1)
-    ds = ray.data.from_items(units, override_num_blocks=max(len(units), 1))
-    ds = ds.map_batches(_read_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"max_bytes": d.max_bytes})
-    ds = ds.map_batches(
-        decode_batch,
-        batch_size=e.decode_batch_size,
-        batch_format="numpy",
-        fn_kwargs={"size": d.image_size, "max_pixels": d.max_pixels},
-    )
+    ds: ray.data.Dataset = ray.data.from_items(units, override_num_blocks=max(len(units), 1))
+    read = functools.partial(_read_batch, max_bytes=d.max_bytes)
+    ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow")
+    decode = functools.partial(decode_batch, size=d.image_size, max_pixels=d.max_pixels)
+    ds = ds.map_batches(decode, batch_size=e.decode_batch_size, batch_format="numpy")
     return ds.map_batches(
         EncodeActor,
         fn_constructor_kwargs={"config": cfg.to_dict()},

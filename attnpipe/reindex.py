@@ -170,7 +170,7 @@ def _update_embeddings(embeddings: str, shards: list[Shard], todo: list[Shard], 
 
 
 def _same_dataset(old: dict, new: dict) -> bool:
-    def view(m: dict) -> tuple:
+    def view(m: dict) -> list[tuple]:
         return sorted((e["name"], e["fingerprint"], e.get("stat"), tuple(e["parts"])) for e in m["shards"])
 
     return view(old) == view(new) and old.get("model") == new.get("model")

@@ -29,7 +29,7 @@ MANIFEST = "_manifest.json"
 CONFIG_FILE = "_config.yaml"
 
 
-def schema(dim: int, positions: int, metadata: dict[str, str] | None = None) -> pa.Schema:
+def schema(dim: int, positions: int, metadata: dict[str, object] | None = None) -> pa.Schema:
     """Parquet schema v1 (see README): one row per input image, ok or not."""
     fields = [
         ("id", pa.string()),

@@ -33,7 +33,7 @@ def decode_image(data: bytes | None, size: int, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap is checked next
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise DecodeError(f"not an image: format not recognized ({len(data)} bytes starting {data[:8]!r})") from None
     except Image.DecompressionBombError as exc:  # over PIL's own hard cap (2 x Image.MAX_IMAGE_PIXELS)
@@ -48,7 +48,7 @@ def decode_image(data: bytes | None, size: int, max_pixels: int) -> np.ndarray:
             warnings.simplefilter("ignore")
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale still >= size (much faster)
             img = ImageOps.exif_transpose(img).convert("RGB")
-            img = img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
+            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as exc:
         raise DecodeError(f"corrupt or truncated image data ({img.format or 'unknown'}): {exc}") from None
     return np.asarray(img, dtype=np.uint8)

@@ -175,11 +175,11 @@ def _relevance(gallery: Dataset, q_ids, q_labels, self_rows, judged: dict | None
             rel_rows = [r[r != s] for r, s in zip(rel_rows, self_rows)]
         num_rel = np.array([len(r) for r in rel_rows])
 
-        def is_rel(rows: np.ndarray, q: np.ndarray | None = None) -> np.ndarray:
+        def is_rel_judged(rows: np.ndarray, q: np.ndarray | None = None) -> np.ndarray:
             sets = rel_rows if q is None else [rel_rows[i] for i in q]
             return np.stack([np.isin(row, r) & (row >= 0) for row, r in zip(rows, sets)])
 
-        return is_rel, num_rel
+        return is_rel_judged, num_rel
     if all(lab is None for lab in q_labels) or all(lab is None for lab in gallery.labels):
         raise ValueError("relevance needs labels on queries and gallery, or a TREC qrels file (--qrels)")
     codes = {lab: c for c, lab in enumerate(sorted({x for x in gallery.labels if x is not None}))}

@@ -172,7 +172,8 @@ def build_index(
     _log(f"index: {n} vectors, dim {dim}, factory {factory} ({kind}), training on {train_size}")
     # One pass over the parts: the training sample, and the tuning queries drawn from it (or alone for Flat/HNSW).
     S, sids = sample_rows(parts, ok_counts, max(train_size, min(queries, n)), rng)
-    fx.train(index, S[rng.permutation(len(S))[:train_size]] if train_size else None, seed)
+    if train_size:
+        fx.train(index, S[rng.permutation(len(S))[:train_size]], seed)
     pick = np.sort(rng.choice(len(S), size=min(queries, n), replace=False))
     Q, qids = S[pick], sids[pick]
     # SimHash centred on the query sample's mean: see SimHashLSH (centering against the ReLU cone)

@@ -96,9 +96,11 @@ def merge(indexes: list[faiss.Index], kind: str) -> list[faiss.Index]:
     return [first]
 
 
-def set_search_param(indexes: list[faiss.Index], name: str | None, value: int | None) -> None:
+def set_search_param(indexes: list[faiss.Index], name: str | None, value: float | None) -> None:
     if name is None:
         return
+    if value is None:
+        raise ValueError(f"search parameter {name} needs a value")
     ps = faiss.ParameterSpace()
     for index in indexes:
         ps.set_index_parameter(index, name, value)

@@ -248,7 +248,9 @@ class SimHashLSH:
     def save(self, path: str) -> None:
         """Write ``path/{projections,codes,pos,ids}.npy`` and ``path/simhash.json`` (last, via rename)."""
         os.makedirs(path, exist_ok=True)
-        arrays = dict(zip(_FILES, (self.projections, self.offsets, self._codes, self._pos, self._ids)))
+        arrays: dict[str, np.ndarray] = dict(
+            zip(_FILES, (self.projections, self.offsets, self._codes, self._pos, self._ids))
+        )
         for name, arr in arrays.items():
             tmp = os.path.join(path, f".{name}.tmp.npy")
             np.save(tmp, arr, allow_pickle=False)

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 from datasketch import MinHashLSH, WeightedMinHash, WeightedMinHashGenerator
 
@@ -74,7 +75,7 @@ def _check(X: np.ndarray) -> np.ndarray:
     return X32
 
 
-def _rows(mask: np.ndarray) -> str:
+def _rows(mask: npt.ArrayLike) -> str:
     idx = np.flatnonzero(mask)
     return ", ".join(map(str, idx[:10])) + (f" ... ({len(idx)} rows)" if len(idx) > 10 else "")
 
@@ -103,7 +104,7 @@ def _hash_chunk(vlog: np.ndarray, rs: np.ndarray, ln_cs: np.ndarray, betas: np.n
     return out
 
 
-def _hash_cpu(X32: np.ndarray, draws: tuple[np.ndarray, ...], threads: int) -> np.ndarray:
+def _hash_cpu(X32: np.ndarray, draws: tuple[np.ndarray, np.ndarray, np.ndarray], threads: int) -> np.ndarray:
     n, d = X32.shape
     P = draws[0].shape[0]
     out = np.empty((n, P, 2), HASH_DTYPE)
@@ -119,7 +120,8 @@ def _hash_cpu(X32: np.ndarray, draws: tuple[np.ndarray, ...], threads: int) -> n
                 # ops per element, so it pays when few columns are left (measured: <20% at 1 row, <50% at 4 rows).
                 if len(cols) * (len(x) + 4) <= d * len(x):
                     # np.take keeps C order (x[:, cols] would be Fortran-ordered: strided, 3x slower ops after)
-                    h = _hash_chunk(np.log(np.take(x, cols, 1)), *(np.take(a, cols, 1) for a in draws), buf)
+                    rs, ln_cs, betas = (np.take(a, cols, 1) for a in draws)
+                    h = _hash_chunk(np.log(np.take(x, cols, 1)), rs, ln_cs, betas, buf)
                     h[..., 0] = cols[h[..., 0]]  # cols ascend, so ties still go to the lowest dimension
                 else:
                     h = _hash_chunk(np.log(x), *draws, buf)

@@ -65,7 +65,7 @@ class SearchIndex:
         """faiss ids -> string ids (None for -1)."""
         pos = np.clip(np.searchsorted(self._fids, faiss_ids), 0, len(self._fids) - 1)
         found = (faiss_ids >= 0) & (self._fids[pos] == faiss_ids)
-        return np.where(found, self._ids[pos], None)
+        return np.where(found, self._ids[pos], np.array(None, dtype=object))
 
     def search(self, Q: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:
         """Top-k for a batch of vectors ``(nq, D)`` (normalized here): scores and string ids per query."""

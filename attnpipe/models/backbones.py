@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torchvision
@@ -34,31 +35,36 @@ def _family(*prefixes: str):
 
 
 @_family("resnet", "resnext", "wide_resnet")
-def _resnet(m: nn.Module) -> tuple[nn.Module, int]:
+def _resnet(m: torchvision.models.ResNet) -> tuple[nn.Module, int]:
     trunk = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
     return trunk, m.fc.in_features
 
 
 @_family("regnet_")
-def _regnet(m: nn.Module) -> tuple[nn.Module, int]:
+def _regnet(m: torchvision.models.RegNet) -> tuple[nn.Module, int]:
     return nn.Sequential(m.stem, m.trunk_output), m.fc.in_features
 
 
 @_family("convnext_", "efficientnet_", "mobilenet_v2", "mobilenet_v3")
-def _features(m: nn.Module) -> tuple[nn.Module, int]:
+def _features(
+    m: torchvision.models.ConvNeXt
+    | torchvision.models.EfficientNet
+    | torchvision.models.MobileNetV2
+    | torchvision.models.MobileNetV3,
+) -> tuple[nn.Module, int]:
     linear = next(mod for mod in m.classifier.modules() if isinstance(mod, nn.Linear))
     return m.features, linear.in_features
 
 
 @_family("densenet")
-def _densenet(m: nn.Module) -> tuple[nn.Module, int]:
+def _densenet(m: torchvision.models.DenseNet) -> tuple[nn.Module, int]:
     return nn.Sequential(m.features, nn.ReLU(inplace=False)), m.classifier.in_features
 
 
 class _VitGrid(nn.Module):
     """ViT encoder whose patch tokens (class token dropped) are reshaped to a ``(B, C, h, w)`` grid."""
 
-    def __init__(self, vit: nn.Module):
+    def __init__(self, vit: torchvision.models.VisionTransformer):
         super().__init__()
         self.vit = vit
 
@@ -73,7 +79,7 @@ class _VitGrid(nn.Module):
 
 
 @_family("vit_")
-def _vit(m: nn.Module) -> tuple[nn.Module, int]:
+def _vit(m: torchvision.models.VisionTransformer) -> tuple[nn.Module, int]:
     return _VitGrid(m), m.hidden_dim
 
 
@@ -153,13 +159,14 @@ def last_stage(name: str, trunk: nn.Module) -> list[nn.Module]:
     """
     if isinstance(trunk, _VitGrid):
         return [trunk.vit.encoder.layers[-1], trunk.vit.encoder.ln]
+    stages = cast(nn.Sequential, trunk)  # every other family's trunk is a Sequential (see the _family functions)
     if name.startswith("regnet_"):
-        return [trunk[1][-1]]
+        return [cast(nn.Sequential, stages[1])[-1]]  # trunk_output's last stage
     if name.startswith("densenet"):
-        return [trunk[0].denseblock4, trunk[0].norm5]
+        return [stages.get_submodule("0.denseblock4"), stages.get_submodule("0.norm5")]
     if _family_of(name) is None:
         raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(list_backbones())}")
-    return [trunk[-1]]  # resnet trunk ends in layer4; the features families in features[-1]
+    return [stages[-1]]  # resnet trunk ends in layer4; the features families in features[-1]
 
 
 def weights_fingerprint(weights: str, backbone: str, seed: int) -> str:

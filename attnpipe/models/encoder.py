@@ -87,7 +87,8 @@ class EncoderRunner:
             # Ray pins OMP_NUM_THREADS to the actor's num_cpus (1); the encoder owns the node's cores instead.
             torch.set_num_threads(threads or os.cpu_count() or 1)
         self.dtype = resolve_precision(precision, self.device)
-        self.model = ImageEncoder(cfg).eval().to(self.device, memory_format=torch.channels_last)
+        # Module.to accepts (device, memory_format=) at runtime; torch's overloads lack that combination.
+        self.model = ImageEncoder(cfg).eval().to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
 

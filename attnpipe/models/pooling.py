@@ -23,9 +23,16 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-POOLINGS: dict[str, type] = {}
 
-_H = TypeVar("_H", bound=type)
+class PoolingHead(nn.Module):
+    """Base of the registered heads: ``forward(x (B, C, H, W)) -> (embedding (B, out_dim), attention (B, H, W))``."""
+
+    out_dim: int
+
+
+POOLINGS: dict[str, type[PoolingHead]] = {}
+
+_H = TypeVar("_H", bound=type[PoolingHead])
 
 
 def register_pooling(name: str) -> Callable[[_H], _H]:
@@ -49,7 +56,7 @@ def list_poolings() -> list[str]:
     return sorted(POOLINGS)
 
 
-def build_pooling(name: str, in_channels: int, seed: int = 0) -> nn.Module:
+def build_pooling(name: str, in_channels: int, seed: int = 0) -> PoolingHead:
     """Build head ``name`` for ``in_channels``-channel feature maps.
 
     Learned parameters are drawn from ``seed`` inside a forked CPU RNG, so the result is identical on every actor and
@@ -81,7 +88,7 @@ def _max_attention(xf: Tensor) -> Tensor:
 
 
 @register_pooling("avg")
-class AvgPool(nn.Module):
+class AvgPool(PoolingHead):
     """Global average pooling. Every position weighs the same, so the attention is uniform."""
 
     def __init__(self, in_channels: int):
@@ -93,7 +100,7 @@ class AvgPool(nn.Module):
 
 
 @register_pooling("max")
-class MaxPool(nn.Module):
+class MaxPool(PoolingHead):
     """Global max pooling. Attention at a position is the share of channels whose maximum sits there."""
 
     def __init__(self, in_channels: int):
@@ -106,7 +113,7 @@ class MaxPool(nn.Module):
 
 
 @register_pooling("avgmax")
-class AvgMaxPool(nn.Module):
+class AvgMaxPool(PoolingHead):
     """Average and max pooling concatenated (the design note's retrieval encoder); ``out_dim = 2C``.
 
     Attention is the even mix of the two parts' maps: ``0.5 * uniform + 0.5 * max-attention``.
@@ -123,7 +130,7 @@ class AvgMaxPool(nn.Module):
 
 
 @register_pooling("gem")
-class GeMPool(nn.Module):
+class GeMPool(PoolingHead):
     """Generalized mean ``mean(x^p)^(1/p)`` with learnable ``p`` (1 = average, large = max).
 
     Attention at a position is its share of the pooled mass ``sum_c x^p / sum_{pos,c} x^p``.
@@ -148,7 +155,7 @@ class GeMPool(nn.Module):
 
 
 @register_pooling("crow")
-class CroWPool(nn.Module):
+class CroWPool(PoolingHead):
     """CroW cross-dimensional weighting (Kalantidis et al. 2016), parameter-free.
 
     Attention is the normalized spatial weight ``S / sum S``, ``S`` derived from the channel sum at each position:
@@ -175,7 +182,7 @@ class CroWPool(nn.Module):
 
 
 @register_pooling("attn")
-class AttnPool(nn.Module):
+class AttnPool(PoolingHead):
     """The design note's attention pooling: an MLP scores every position, softmax over positions, weighted sum.
 
     Attention is the softmax of the learned scores. The last layer starts near zero, so an untrained head is close
@@ -188,8 +195,8 @@ class AttnPool(nn.Module):
         hidden = hidden or max(in_channels // 8, 32)
         # 1x1 convs = the same fc -> ReLU -> fc applied at every position.
         self.scorer = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, 1, 1))
-        nn.init.normal_(self.scorer[-1].weight, std=1e-3)
-        nn.init.zeros_(self.scorer[-1].bias)
+        nn.init.normal_(self.scorer.get_parameter("2.weight"), std=1e-3)  # scorer[2]: the last conv
+        nn.init.zeros_(self.scorer.get_parameter("2.bias"))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         b, _, h, w = x.shape
@@ -215,7 +222,7 @@ def _sincos_2d(h: int, w: int, dim: int, device: torch.device) -> Tensor:
 
 
 @register_pooling("mha")
-class MHAPool(nn.Module):
+class MHAPool(PoolingHead):
     """Multi-head attention pooling with a learned query (CLIP's ``AttentionPool2d``).
 
     The query is the mean feature plus a learned bias; keys and values are the positions plus a fixed 2-D sinusoidal
