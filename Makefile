@@ -38,6 +38,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/encode_throughput.py
 	$(BIN)/python bench/index_build.py
 	$(BIN)/python bench/lsh_minhash.py
+	$(BIN)/python bench/index_update.py
+	$(BIN)/python bench/train_heads.py
 
 clean:
 	rm -rf $(VENV) attnpipe-demo
