@@ -13,14 +13,13 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import uuid
 
-from attnpipe.store import write_json
+from attnpipe.store import sha256_file, write_json
 
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
@@ -88,12 +87,7 @@ def prune(root: str, keep: int) -> list[str]:
     return old
 
 
-def checksum(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+checksum = sha256_file  # the layout's file checksum (manifest "files")
 
 
 def file_checksums(directory: str) -> dict[str, str]:

@@ -18,9 +18,10 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+
+from attnpipe.store import sha256_file
 
 FORMAT = "attnpipe.encoder"
 FORMAT_VERSION = 1
@@ -35,12 +36,7 @@ def sidecar_path(weights: str) -> str:
     return weights.removesuffix(".safetensors") + ".json"
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+file_sha256 = sha256_file  # the sidecar's fingerprint of the weights file
 
 
 def read_sidecar(weights: str) -> dict | None:

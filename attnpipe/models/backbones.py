@@ -12,7 +12,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from typing import cast
@@ -175,8 +174,6 @@ def weights_fingerprint(weights: str, backbone: str, seed: int) -> str:
         return f"random:{backbone}:seed={seed}"
     if weights == "default":
         return f"torchvision:{torchvision.models.get_model_weights(backbone).DEFAULT}"
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()[:16]}"
+    from attnpipe.store import sha256_file
+
+    return f"sha256:{sha256_file(weights)[:16]}"
