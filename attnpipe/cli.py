@@ -8,6 +8,7 @@ attnpipe run                       # the demo: sample data -> encode -> index ->
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -182,7 +183,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from attnpipe.encode import encode
 
     cfg = load_config(args.config, args.overrides)
-    summary = encode(args.input, args.out, cfg, overwrite=args.overwrite, ray_address=args.ray_address)
+    with contextlib.ExitStack() as stack:
+        if os.path.isdir(args.out):  # replacing a dataset: not while a reindex updates it in place
+            from attnpipe.lock import exclusive
+            from attnpipe.reindex import LOCK
+
+            stack.enter_context(exclusive(os.path.join(args.out, LOCK), f"attnpipe encode --out {args.out}"))
+        summary = encode(args.input, args.out, cfg, overwrite=args.overwrite, ray_address=args.ray_address)
     if args.json:
         print(json.dumps(summary))
     return 0

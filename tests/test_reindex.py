@@ -219,3 +219,11 @@ def test_cli_without_settings_reuses_the_config_saved_with_the_embeddings(ray_se
     summary = json.loads(out.out.strip().splitlines()[-1])
     assert "using the config saved with the embeddings" in out.err
     assert summary["encoded_images"] == 0 and summary["index_update"] == "none" and summary["version"] == "v1"
+
+
+def test_encode_overwrite_is_refused_while_a_reindex_holds_the_dataset(small, capsys):
+    data, emb, _ = small
+    os.makedirs(emb)
+    with exclusive(os.path.join(emb, LOCK), command="attnpipe reindex (test)"):
+        assert main(["encode", "--input", str(data), "--out", emb, "--overwrite"]) == 2
+    assert "attnpipe reindex (test)" in capsys.readouterr().err and os.listdir(emb) == []
