@@ -25,7 +25,7 @@ DEMO_SETTINGS = ("model.backbone=resnet18", "model.pooling=attn", "data.image_si
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (sections model/data/encode)")
+    p.add_argument("--config", help="YAML config file (sections model/data/encode/train)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
 
     p = sub.add_parser("train", help="fit the pooling head (and optionally the backbone's end) on labeled shards")
+    _config_args(p)
     add_train_arguments(p)
 
     p = sub.add_parser("run", help="the whole pipeline; with no arguments, on a sample dataset it makes")

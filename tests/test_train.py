@@ -298,15 +298,13 @@ def test_train_config_numbers():
 
 
 def test_train_command_prints_a_json_summary(tiny, tmp_path, capsys):
-    import argparse
+    from attnpipe.cli import build_parser
+    from attnpipe.train.command import run_train_command
 
-    from attnpipe.train.command import add_train_arguments, run_train_command
-
-    p = argparse.ArgumentParser()
-    add_train_arguments(p)
     out = str(tmp_path / "cmd.safetensors")
-    args = p.parse_args(
+    args = build_parser().parse_args(
         [
+            "train",
             "--input",
             str(tiny / "data"),
             "--out",

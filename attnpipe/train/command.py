@@ -2,7 +2,9 @@
 
 Wired into ``attnpipe.cli`` (and ``jobs/train_head.py``) with::
 
-    add_train_arguments(sub.add_parser("train", help="..."))
+    p = sub.add_parser("train", help="...")
+    _config_args(p)
+    add_train_arguments(p)
     COMMANDS["train"] = run_train_command
 
 Errors (ConfigError, InputError, CheckpointMismatch, other ValueErrors) propagate to the caller, which turns them
@@ -16,28 +18,14 @@ import json
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the ``train`` options to ``p``."""
+    """Add the ``train`` options to ``p`` (``--config``, ``--set`` and ``--ray-address`` come from ``cli``)."""
     p.add_argument("--input", nargs="+", required=True, help="labeled shard files or directories (local or URI)")
     p.add_argument(
         "--out",
         required=True,
         help="trained encoder, a .safetensors file; its sidecar <stem>.json and checkpoints <stem>.ckpt/ go next to it",
     )
-    p.add_argument("--config", help="YAML config file (sections model/data/encode/train)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.epochs=30 --set train.lr=0.001 (repeatable)",
-    )
     p.add_argument("--pooling", default=None, help="the head to train; same as a last --set model.pooling=NAME")
-    p.add_argument(
-        "--ray-address",
-        default=None,
-        help="join this Ray cluster when train.workers > 0 (default: $RAY_ADDRESS, else a local Ray)",
-    )
     p.add_argument(
         "--no-resume",
         dest="resume",
