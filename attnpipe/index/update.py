@@ -211,7 +211,7 @@ def update_index(
     if n == 0:
         raise ValueError(f"{embeddings} has no ok rows to index")
     Q, qids = build.sample_rows(parts, ok_counts, min(queries, n), np.random.default_rng(seed))
-    lsh_cfg = _base_lsh(base)
+    lsh_cfg, codes, hashes = _base_lsh(base, old_fids, keep)
     new = [p for p in parts if p[0] in set(plan.new)]
     old = [p for p in parts if p[0] not in set(plan.new)]
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -247,7 +247,6 @@ def update_index(
     try:
         files = build.write_faiss(stage, indexes)
         build.write_ids(stage, new_fids, ids)
-        codes, hashes = _carried_lsh(base, keep, lsh_cfg)
         codes += [r["codes"] for r in results if r["codes"] is not None]
         hashes += [r["hashes"] for r in results if r["hashes"] is not None]
         lsh_meta = build.write_lsh(
@@ -302,30 +301,21 @@ def _read_ids(path: str) -> tuple[np.ndarray, np.ndarray]:
     return table.column("faiss_id").to_numpy(), np.array(table.column("id").to_pylist(), dtype=object)
 
 
-def _base_lsh(base: dict) -> dict:
-    """The live version's hashing settings: its SimHash projections/offsets and MinHash parameters."""
+def _base_lsh(base: dict, fids: np.ndarray, keep: np.ndarray) -> tuple[dict, list[np.ndarray], list[np.ndarray]]:
+    """The live version's hashing settings (SimHash projections/offsets, MinHash parameters) and the SimHash codes
+    and MinHashes of its kept vectors, in ``ids.parquet`` order (``fids``, masked by ``keep``)."""
     cfg: dict = {}
+    codes, hashes = [], []
     meta = base.get("lsh", {})
     if "simhash" in meta:
         from attnpipe.index.lsh import SimHashLSH
 
-        cfg["simhash"] = SimHashLSH.load(os.path.join(base["path"], "lsh", "simhash")).emptied()
-    if "minhash" in meta:
-        cfg["minhash"] = {"num_perm": meta["minhash"]["num_perm"], "seed": meta["minhash"]["seed"]}
-    return cfg
-
-
-def _carried_lsh(base: dict, keep: np.ndarray, cfg: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """SimHash codes and MinHashes of the kept vectors, in ``ids.parquet`` order like ``keep``."""
-    codes, hashes = [], []
-    if "simhash" in cfg:
-        from attnpipe.index.lsh import SimHashLSH
-
-        c, table_ids = SimHashLSH.load(os.path.join(base["path"], "lsh", "simhash")).entries()
-        fids, _ = _read_ids(base["path"])
+        table = SimHashLSH.load(os.path.join(base["path"], "lsh", "simhash"))
+        c, table_ids = table.entries()
         if not np.array_equal(table_ids, fids):
             raise layout.IndexLayoutError(f"{base['path']}: SimHash ids are not in ids.parquet order")
-        codes.append(c[keep])
-    if "minhash" in cfg:
-        hashes.append(np.load(os.path.join(base["path"], "lsh", "minhash.npy"), allow_pickle=False)[keep])
-    return codes, hashes
+        cfg["simhash"], codes = table.emptied(), [c[keep]]
+    if "minhash" in meta:
+        cfg["minhash"] = {"num_perm": meta["minhash"]["num_perm"], "seed": meta["minhash"]["seed"]}
+        hashes = [np.load(os.path.join(base["path"], "lsh", "minhash.npy"), allow_pickle=False)[keep]]
+    return cfg, codes, hashes
