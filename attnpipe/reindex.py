@@ -31,7 +31,7 @@ import uuid
 
 from attnpipe import store
 from attnpipe.config import Config, ConfigError
-from attnpipe.data.shards import Shard, discover
+from attnpipe.data.shards import Shard, check_inputs, discover
 from attnpipe.encode import model_signature, new_manifest, shard_entries, summarize, write_config, write_parts
 from attnpipe.index import layout
 from attnpipe.index.update import refresh_index
@@ -67,6 +67,7 @@ def reindex(
     """
     if keep < 1:
         raise ConfigError(f"--keep must be >= 1 (versions to keep), got {keep}")
+    check_inputs(inputs)  # before creating anything
     start = time.perf_counter()
     os.makedirs(embeddings, exist_ok=True)
     os.makedirs(root, exist_ok=True)

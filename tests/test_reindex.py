@@ -227,3 +227,10 @@ def test_encode_overwrite_is_refused_while_a_reindex_holds_the_dataset(small, ca
     with exclusive(os.path.join(emb, LOCK), command="attnpipe reindex (test)"):
         assert main(["encode", "--input", str(data), "--out", emb, "--overwrite"]) == 2
     assert "attnpipe reindex (test)" in capsys.readouterr().err and os.listdir(emb) == []
+
+
+def test_missing_input_fails_before_creating_anything(tmp_path, capsys):
+    emb, root = tmp_path / "emb", tmp_path / "index"
+    args = ["reindex", "--input", str(tmp_path / "nope"), "--embeddings", str(emb), "--index", str(root)]
+    assert main(args) == 2
+    assert "does not exist" in capsys.readouterr().err and not emb.exists() and not root.exists()

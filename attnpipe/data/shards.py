@@ -58,6 +58,20 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
+def check_inputs(uris: list[str]) -> None:
+    """Fail fast (before any output is created) when no input is given or one does not exist.
+
+    Raises:
+        InputError: naming the missing input.
+    """
+    if not uris:
+        raise InputError("no --input given; pass one or more shard files or directories")
+    for uri in uris:
+        fs, path = filesystem(uri)
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise InputError(f"input {uri!r} does not exist")
+
+
 def discover(uris: list[str], known: dict[str, dict] | None = None) -> list[Shard]:
     """Resolve input URIs into shards with content fingerprints, sorted by name.
 
@@ -69,14 +83,11 @@ def discover(uris: list[str], known: dict[str, dict] | None = None) -> list[Shar
     Raises:
         InputError: a path does not exist, holds no shard, or two shards share a name.
     """
-    if not uris:
-        raise InputError("no --input given; pass one or more shard files or directories")
+    check_inputs(uris)
     shards: list[Shard] = []
     for uri in uris:
         fs, path = filesystem(uri)
         info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise InputError(f"input {uri!r} does not exist")
         found = _shards_in(fs, path, info, uri)
         if not found:
             raise InputError(
