@@ -3,6 +3,10 @@
 attnpipe sample --out data/ --format tar --n 400
 attnpipe encode --input data/ --out emb/ --set model.backbone=resnet50
 attnpipe run                       # the demo: sample data -> encode -> index -> eval on a local Ray
+
+Conventions: ``--json`` on every command prints one machine-readable summary line on stdout (the last line a job's
+log ends with); without it, human lines go to stderr through the ``attnpipe`` logger (``-v`` more, ``-q`` less).
+Command modules are imported inside the command functions, so ``attnpipe --help`` imports neither torch nor Ray.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 import os
 import sys
 
-from attnpipe import store
+from attnpipe import __version__, log, store
 from attnpipe.config import ConfigError, load_config
 from attnpipe.data.shards import InputError
 from attnpipe.index.layout import IndexLayoutError
@@ -22,6 +26,21 @@ from attnpipe.train.command import add_train_arguments, run_train_command
 
 DEMO_DIR = "attnpipe-demo"
 DEMO_SETTINGS = ("model.backbone=resnet18", "model.pooling=attn", "data.image_size=160")
+logger = log.get_logger("attnpipe.cli")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` where there is a meaningful default (not for required options, None or flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if not _shows_default(action) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    d = action.default
+    return not (action.required or action.nargs == 0 or d is None or d is False or d == [] or d is argparse.SUPPRESS)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +59,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnpipe", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="attnpipe", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"attnpipe {__version__}")
+    _verbosity_args(parser, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample", help="write a small synthetic labeled dataset (objects with known boxes)")
@@ -142,11 +165,39 @@ def build_parser() -> argparse.ArgumentParser:
         "trains on a second sample of its own; with --input it trains on the input)",
     )
     _config_args(p)
+    _common_args(sub)
     return parser
+
+
+def _verbosity_args(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=default, help="more log lines (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="count", default=default, help="warnings and errors only")
+
+
+def _common_args(sub) -> None:
+    """Every sub-command (those added later too): shown defaults, ``--json``, ``-v``/``-q`` after the command."""
+    for p in sub.choices.values():
+        p.formatter_class = _HelpFormatter
+        for action in p._actions:
+            if action.help is None and _shows_default(action):
+                action.help = "default: %(default)s"
+        if "--json" not in p._option_string_actions:
+            p.add_argument("--json", action="store_true", help="print a one-line JSON summary on stdout")
+        if "-v" not in p._option_string_actions:
+            _verbosity_args(p, argparse.SUPPRESS)  # SUPPRESS: `attnpipe -v encode` is not reset by the subparser
+
+
+def _emit(args: argparse.Namespace, summary, human: str | None = None) -> None:
+    """The one output convention: ``--json`` -> the summary on stdout; otherwise ``human`` as a log line."""
+    if args.json:
+        print(json.dumps(summary, default=str), flush=True)
+    elif human:
+        logger.info(human)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log.configure(getattr(args, "verbose", 0) - getattr(args, "quiet", 0))
     try:
         return COMMANDS[args.command](args)
     except (
@@ -159,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         LockHeld,
         ValueError,
     ) as exc:
-        print(f"attnpipe {args.command}: error: {exc}", file=sys.stderr)
+        logger.error("attnpipe %s: error: %s", args.command, exc)
         return 2
 
 
@@ -176,7 +227,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         broken=args.broken,
         classes=args.classes,
     )
-    print(f"wrote {args.n} images in {len(paths)} {args.format} shards to {args.out}", file=sys.stderr)
+    summary = {"out": args.out, "format": args.format, "images": args.n, "shards": [str(p) for p in paths]}
+    _emit(args, summary, f"wrote {args.n} images in {len(paths)} {args.format} shards to {args.out}")
     return 0
 
 
@@ -191,8 +243,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
             stack.enter_context(exclusive(os.path.join(args.out, LOCK), f"attnpipe encode --out {args.out}"))
         summary = encode(args.input, args.out, cfg, overwrite=args.overwrite, ray_address=args.ray_address)
-    if args.json:
-        print(json.dumps(summary))
+    _emit(args, summary)  # encode logs its own summary line
     return 0
 
 
@@ -216,11 +267,17 @@ def cmd_index(args: argparse.Namespace) -> int:
             dedup_threshold=args.dedup_threshold,
             minhash_perm=args.minhash_perm,
         )
-    print(
-        json.dumps(
-            {k: manifest[k] for k in ("version", "count", "dim", "build_seconds")}
-            | {"faiss": {k: v for k, v in manifest["faiss"].items() if k != "tuning"}}
-        )
+    f = manifest["faiss"]
+    summary = {k: manifest[k] for k in ("version", "count", "dim", "build_seconds")} | {
+        "faiss": {k: v for k, v in f.items() if k != "tuning"}
+    }
+    param = next((p for p in ("nprobe", "efSearch") if p in f), None)
+    tuned = f" at {param}={f[param]}" if param else ""
+    _emit(
+        args,
+        summary,
+        f"index: published {args.out}/{manifest['version']}: {manifest['count']} vectors, {f['factory']}{tuned}, "
+        f"recall@10 {f.get('recall@10', float('nan')):.3f} vs exact, {manifest['build_seconds']:.1f} s",
     )
     return 0
 
@@ -229,10 +286,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     from attnpipe.index.search import SearchIndex
 
     index = SearchIndex.load(args.index, args.version)
-    hits = index.search_id(args.id, args.k) if args.id else index.search_image(args.image, args.k)
+    if args.id:
+        hits = index.search_id(args.id, args.k)
+    else:
+        from attnpipe.query import search_image  # encodes the image: torch is imported only for --image
+
+        hits = search_image(index, args.image, args.k)
     if args.json:
         print(json.dumps([{"id": i, "score": round(s, 6)} for i, s in hits]))
-    else:
+    else:  # the ranking is this command's product, so it goes to stdout either way
         for rank, (i, s) in enumerate(hits, 1):
             print(f"{rank:3d}  {s:.4f}  {i}")
     return 0
@@ -265,18 +327,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         compare=tuple(args.compare),
         version=args.version,
     )
-    print(headline(metrics), file=sys.stderr)
-    print(
-        json.dumps(
-            {
-                "metrics": os.path.join(args.out, "metrics.json"),
-                "report": os.path.join(args.out, "report.html"),
-                "exact": metrics["exact"],
-                "faiss": metrics.get("faiss"),
-                "lsh": metrics.get("lsh"),
-            }
-        )
-    )
+    summary = {
+        "metrics": os.path.join(args.out, "metrics.json"),
+        "report": os.path.join(args.out, "report.html"),
+        "exact": metrics["exact"],
+        "faiss": metrics.get("faiss"),
+        "lsh": metrics.get("lsh"),
+    }
+    logger.info(headline(metrics))
+    _emit(args, summary, f"report: {summary['report']}")
     return 0
 
 
@@ -288,7 +347,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     saved = os.path.join(args.embeddings, store.CONFIG_FILE)
     if config is None and os.path.isfile(saved):
         config = saved  # the settings that made the stored embeddings; --set still overrides them
-        print(f"reindex: using the config saved with the embeddings ({saved})", file=sys.stderr)
+        logger.info("reindex: using the config saved with the embeddings (%s)", saved)
     cfg = load_config(config, args.overrides)
     summary = reindex(
         args.input,
@@ -304,7 +363,13 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         target_recall=args.target_recall,
         ray_address=args.ray_address,
     )
-    print(json.dumps(summary), flush=True)
+    _emit(
+        args,
+        summary,
+        f"reindex: {len(summary.get('added', []))} added, {len(summary.get('changed', []))} changed, "
+        f"{len(summary.get('removed', []))} removed, {len(summary.get('unchanged', []))} unchanged shards; "
+        f"index {summary.get('version')} ({summary.get('index_update')}), {summary.get('vectors')} vectors",
+    )
     return 0
 
 
@@ -321,7 +386,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         data = os.path.join(args.workdir, "data")
         if not os.path.isdir(data):
             make_sample(data, fmt="tar", n=args.n, num_shards=4, image_size=128, broken=True)
-            print(f"made a sample dataset of {args.n} images (+ a shard of broken ones) in {data}", file=sys.stderr)
+            logger.info("made a sample dataset of %d images (+ a shard of broken ones) in %s", args.n, data)
         inputs = [data]
     if args.train if args.train is not None else not args.input:
         cfg = _demo_training(cfg, args)
@@ -331,24 +396,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     manifest = build_index(emb, root, lsh="both")
     report_dir = os.path.join(args.workdir, "eval")
     metrics = evaluate(emb, root, report_dir, num_queries=200)
-    print(
-        json.dumps(
-            {
-                "embeddings": summary,
-                "index": {
-                    "root": root,
-                    "version": manifest["version"],
-                    "count": manifest["count"],
-                    "factory": manifest["faiss"]["factory"],
-                    "recall@10": manifest["faiss"]["recall@10"],
-                },
-                "eval": {"report": os.path.join(report_dir, "report.html"), **_headline_numbers(metrics)},
-            }
-        )
-    )
-    print(f"\n{headline(metrics)}", file=sys.stderr)
-    print(f"report: {os.path.abspath(os.path.join(report_dir, 'report.html'))}", file=sys.stderr)
-    print(f"try:    attnpipe search --index {root} --id {_first_ok_id(emb)}", file=sys.stderr)
+    result = {
+        "embeddings": summary,
+        "index": {
+            "root": root,
+            "version": manifest["version"],
+            "count": manifest["count"],
+            "factory": manifest["faiss"]["factory"],
+            "recall@10": manifest["faiss"]["recall@10"],
+        },
+        "eval": {"report": os.path.join(report_dir, "report.html"), **_headline_numbers(metrics)},
+    }
+    logger.info("\n%s", headline(metrics))
+    logger.info("report: %s", os.path.abspath(os.path.join(report_dir, "report.html")))
+    logger.info("try:    attnpipe search --index %s --id %s", root, _first_ok_id(emb))
+    _emit(args, result)
     return 0
 
 
@@ -363,7 +425,7 @@ def _demo_training(cfg, args: argparse.Namespace):
     from attnpipe.train import train_for_demo
 
     if cfg.model.pooling not in ("attn", "mha", "gem") and cfg.train.unfreeze == "none":
-        print(f"run: model.pooling={cfg.model.pooling} has nothing to train; skipping training", file=sys.stderr)
+        logger.info("run: model.pooling=%s has nothing to train; skipping training", cfg.model.pooling)
         return cfg
     train_inputs = args.input
     if not train_inputs:
@@ -371,7 +433,7 @@ def _demo_training(cfg, args: argparse.Namespace):
         if not os.path.isdir(train_inputs[0]):
             make_sample(train_inputs[0], fmt="tar", n=args.n, num_shards=2, image_size=128, seed=1)
     weights = train_for_demo(train_inputs, os.path.join(args.workdir, "head.safetensors"), cfg)
-    print(f"run: trained {cfg.model.pooling} head -> {weights}", file=sys.stderr)
+    logger.info("run: trained %s head -> %s", cfg.model.pooling, weights)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=weights))
 
 

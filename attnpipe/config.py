@@ -19,23 +19,17 @@ from typing import Any
 
 import yaml
 
+from attnpipe.models.config import WEIGHTS_KEYWORDS, ModelConfig  # owned by the model component; re-exported here
+
 
 class ConfigError(ValueError):
     """A config file, key or value is wrong; the message says what to fix."""
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-WEIGHTS_KEYWORDS = ("none", "default")
+DECODE_MODES = ("auto", "cpu", "gpu")  # data.decode; attnpipe.data.gpu_decode implements them
 UNFREEZE = ("none", "last", "all")
 LOSSES = ("normsoftmax",)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    backbone: str = "resnet18"
-    pooling: str = "attn"
-    weights: str = "none"  # none | default (torchvision's pretrained, from the local TORCH_HOME cache) | a file path
-    seed: int = 0  # init of random backbone weights and learned heads; identical in every actor
 
 
 @dataclass(frozen=True)
@@ -44,6 +38,7 @@ class DataConfig:
     max_pixels: int = 64_000_000  # decompression-bomb guard: images declaring more pixels become error rows
     max_bytes: int = 64 * 1024 * 1024  # larger encoded members become error rows, unread
     read_chunk: int = 512  # images per read task for image folders
+    decode: str = "auto"  # auto | cpu | gpu: JPEG decode by nvJPEG on the encoder's GPU (auto: when it has one)
 
 
 @dataclass(frozen=True)
@@ -54,6 +49,7 @@ class EncodeConfig:
     decode_batch_size: int = 64
     threads: int = 0  # torch threads in a CPU encoder; 0 = all cores of its node
     rows_per_file: int = 50_000  # target rows per Parquet part
+    compile: bool = False  # torch.compile the encoder (minutes of warm-up per actor; pays off on long GPU runs)
 
 
 @dataclass(frozen=True)
@@ -183,6 +179,10 @@ def validate(cfg: Config) -> None:
         )
     if e.precision not in PRECISIONS:
         raise ConfigError(f"encode.precision={e.precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if d.decode not in DECODE_MODES:
+        raise ConfigError(f"data.decode={d.decode!r}; allowed: {', '.join(DECODE_MODES)}")
+    if not isinstance(e.compile, bool):
+        raise ConfigError(f"encode.compile must be true or false, got {e.compile!r}")
     _positive("data.image_size", d.image_size, minimum=32)
     _positive("data.max_pixels", d.max_pixels)
     _positive("data.max_bytes", d.max_bytes)

@@ -8,4 +8,4 @@ import sys
 from attnpipe.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["index", *sys.argv[1:]]))
+    sys.exit(main(["index", "--json", *sys.argv[1:]]))  # the summary ends the job log

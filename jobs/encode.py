@@ -8,4 +8,4 @@ import sys
 from attnpipe.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["encode", *sys.argv[1:]]))
+    sys.exit(main(["encode", "--json", *sys.argv[1:]]))  # the summary ends the job log

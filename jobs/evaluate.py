@@ -8,4 +8,4 @@ import sys
 from attnpipe.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["eval", *sys.argv[1:]]))
+    sys.exit(main(["eval", "--json", *sys.argv[1:]]))  # the summary ends the job log

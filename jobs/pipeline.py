@@ -5,4 +5,4 @@ import sys
 from attnpipe.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]]))
+    sys.exit(main(["run", "--json", *sys.argv[1:]]))  # the summary ends the job log

@@ -9,4 +9,4 @@ import sys
 from attnpipe.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["reindex", *sys.argv[1:]]))
+    sys.exit(main(["reindex", "--json", *sys.argv[1:]]))  # the summary ends the job log

@@ -9,4 +9,4 @@ import sys
 from attnpipe.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main(["train", "--json", *sys.argv[1:]]))  # the summary ends the job log

@@ -46,12 +46,13 @@ def test_planted_copies_are_grouped(ray_session, tmp_path):
 def test_search_by_image_encodes_with_the_datasets_model(ray_session, tmp_path):
     from attnpipe.cli import main
     from attnpipe.index.search import SearchIndex
+    from attnpipe.query import search_image
 
     make_sample(str(tmp_path / "data"), fmt="folder", n=12, num_shards=1, image_size=64, prefix="img")
     emb = str(tmp_path / "emb")
     encode([str(tmp_path / "data")], emb, fast_config("model.pooling=gem"))
     build_index(emb, str(tmp_path / "index"), lsh="none")
     query = sorted((tmp_path / "data" / "img-00000").glob("*/*.jpg"))[3]
-    hits = SearchIndex.load(str(tmp_path / "index")).search_image(str(query), k=3)
+    hits = search_image(SearchIndex.load(str(tmp_path / "index")), str(query), k=3)
     assert hits[0][0] == f"img-00000/{query.parent.name}/{query.stem}" and hits[0][1] > 0.999, hits
     assert main(["search", "--index", str(tmp_path / "index"), "--image", str(tmp_path / "nope.jpg")]) == 2

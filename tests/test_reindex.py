@@ -90,7 +90,8 @@ def small(tmp_path):
 
 def _cli(data, emb: str, root: str, *extra: str) -> list[str]:
     sets = [a for s in (*FAST, "data.image_size=32") for a in ("--set", s)]
-    return ["reindex", "--input", str(data), "--embeddings", emb, "--index", root, "--lsh", "both", *sets, *extra]
+    paths = ["--input", str(data), "--embeddings", emb, "--index", root]
+    return ["reindex", "--json", *paths, "--lsh", "both", *sets, *extra]
 
 
 def _spawn(args: list[str], **env: str) -> subprocess.Popen:
@@ -214,7 +215,7 @@ def test_cli_without_settings_reuses_the_config_saved_with_the_embeddings(ray_se
     data, emb, root = small
     reindex([str(data)], emb, root, fast_config("data.image_size=32", "model.pooling=gem"))
     capsys.readouterr()
-    assert main(["reindex", "--input", str(data), "--embeddings", emb, "--index", root]) == 0  # no --set at all
+    assert main(["reindex", "--json", "--input", str(data), "--embeddings", emb, "--index", root]) == 0  # no --set
     out = capsys.readouterr()
     summary = json.loads(out.out.strip().splitlines()[-1])
     assert "using the config saved with the embeddings" in out.err

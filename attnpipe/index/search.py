@@ -1,4 +1,7 @@
-"""Searching a published index version: vectors, ids or images -> ranked string ids with cosine scores.
+"""Searching a published index version: vectors or ids -> ranked string ids with cosine scores.
+
+Indices know vectors, not networks: search by image (which needs the encoder) is :mod:`attnpipe.query`, one layer
+up. This module imports faiss, numpy and the store, never torch or the models.
 
 Example::
 
@@ -90,21 +93,4 @@ class SearchIndex:
 
     def search_id(self, id_: str, k: int = 10) -> list[tuple[str, float]]:
         D, names = self.search(self.vector_of(id_)[None], k)
-        return list(zip(names[0], D[0].tolist()))
-
-    def search_image(self, path: str, k: int = 10) -> list[tuple[str, float]]:
-        """Encode an image file with the model of the source embeddings (its saved config), then search."""
-        import yaml
-
-        from attnpipe.config import from_dict
-        from attnpipe.data.decode import decode_image
-        from attnpipe.models.encoder import EncoderRunner
-
-        src = self.manifest["source"]["embeddings"]
-        with open(os.path.join(src, store.CONFIG_FILE)) as f:
-            cfg = from_dict(yaml.safe_load(f))
-        with open(path, "rb") as f:
-            pixels = decode_image(f.read(), cfg.data.image_size, cfg.data.max_pixels)
-        emb = EncoderRunner(cfg.model, cfg.encode.precision, cfg.encode.threads)(pixels[None])["embedding"]
-        D, names = self.search(emb, k)
         return list(zip(names[0], D[0].tolist()))
