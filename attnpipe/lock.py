@@ -6,6 +6,12 @@ is *stale* â€” its owner died without releasing it (``kill -9``, a lost node) â€
 this host, or when its heartbeat is older than ``stale_after_s`` (owners on other hosts). A stale lock is taken
 over (renamed aside first, so two contenders cannot both win); a live one is refused with :class:`LockHeld`.
 
+On an object store (no ``O_EXCL``, and pyarrow cannot send a conditional PUT) the lock is a *lease object*: a
+contender that finds no lock (or a stale one) writes its owner record, waits ``SETTLE_S`` for any concurrent PUT to
+land, and reads the object back: the one whose token is there holds the lock, the others get :class:`LockHeld`.
+The holder rewrites the object with a fresh ``heartbeat_unix`` every ``HEARTBEAT_S``; a lease without a heartbeat
+for ``stale_after_s`` is stale (clocks of the contenders must agree within a few seconds).
+
 Example::
 
     with exclusive("indexes/.reindex.lock", command="reindex"):
@@ -24,8 +30,11 @@ import time
 import uuid
 from collections.abc import Iterator
 
+from attnpipe import fs
+
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0
+SETTLE_S = 1.0
 
 
 class LockHeld(RuntimeError):
@@ -39,6 +48,11 @@ def exclusive(path: str, command: str = "", stale_after_s: float = STALE_AFTER_S
     Raises:
         LockHeld: a live owner holds it.
     """
+    if not fs.is_local(path):
+        with _lease(path, command, stale_after_s) as owner:
+            yield owner
+        return
+    path = fs.resolve(path)[1]
     owner = _acquire(path, command, stale_after_s)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(path, stop), daemon=True, name="lock-heartbeat")
@@ -54,23 +68,66 @@ def exclusive(path: str, command: str = "", stale_after_s: float = STALE_AFTER_S
 
 
 def read_owner(path: str) -> dict:
-    """The owner record of a lock file ({} if unreadable: a half-written lock counts as stale once old)."""
+    """The owner record of a lock file or lease object ({} if unreadable: a half-written lock is stale once old)."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        owner = fs.read_json(path)
     except (OSError, ValueError):
         return {}
+    return owner if isinstance(owner, dict) else {}
 
 
-def _acquire(path: str, command: str, stale_after_s: float) -> dict:
-    owner = {
+def _owner(command: str) -> dict:
+    now = time.time()
+    return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "command": command,
         "token": uuid.uuid4().hex,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "started_unix": time.time(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "started_unix": now,
+        "heartbeat_unix": now,
     }
+
+
+@contextlib.contextmanager
+def _lease(uri: str, command: str, stale_after_s: float) -> Iterator[dict]:
+    """The object-store lock (see the module doc)."""
+    owner = _owner(command)
+    for _ in range(3):
+        holder = read_owner(uri) if fs.exists(uri) else None
+        if holder is not None:
+            age = time.time() - float(holder.get("heartbeat_unix") or 0)
+            if age <= stale_after_s:
+                raise LockHeld(_held_message(fs.display(uri), holder, stale_after_s))
+            print(f"lock: taking over {fs.display(uri)}: no heartbeat for {age:.0f} s", file=sys.stderr)
+        fs.write_json(uri, owner)
+        time.sleep(SETTLE_S)
+        if read_owner(uri).get("token") == owner["token"]:
+            break
+    else:
+        raise LockHeld(f"could not take the lock {fs.display(uri)}: other jobs keep taking it")
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            if read_owner(uri).get("token") != owner["token"]:
+                return  # taken over (we looked dead): stop renewing
+            with contextlib.suppress(OSError):
+                fs.write_json(uri, {**owner, "heartbeat_unix": time.time()})
+
+    thread = threading.Thread(target=beat, daemon=True, name="lease-heartbeat")
+    thread.start()
+    try:
+        yield owner
+    finally:
+        stop.set()
+        thread.join()
+        if read_owner(uri).get("token") == owner["token"]:
+            fs.delete_file(uri)
+
+
+def _acquire(path: str, command: str, stale_after_s: float) -> dict:
+    owner = _owner(command)
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -27,12 +27,11 @@ import os
 import signal
 import sys
 import time
-import uuid
 
-from attnpipe import store
+from attnpipe import fs, store
 from attnpipe.config import Config, ConfigError
 from attnpipe.data.shards import Shard, check_inputs, discover
-from attnpipe.encode import model_signature, new_manifest, shard_entries, summarize, write_config, write_parts
+from attnpipe.encode import encode_shards, model_signature, run_description, summarize
 from attnpipe.index import layout
 from attnpipe.index.update import refresh_index
 from attnpipe.lock import exclusive
@@ -69,15 +68,21 @@ def reindex(
         raise ConfigError(f"--keep must be >= 1 (versions to keep), got {keep}")
     check_inputs(inputs)  # before creating anything
     start = time.perf_counter()
-    os.makedirs(embeddings, exist_ok=True)
-    os.makedirs(root, exist_ok=True)
-    command = f"attnpipe reindex --embeddings {embeddings} --index {root}"
-    with exclusive(os.path.join(root, LOCK), command), exclusive(os.path.join(embeddings, LOCK), command):
-        for gone in store.clean_dataset(embeddings) + layout.clean_leftovers(root):
-            _log(f"removed {gone}: no longer listed (retired or left by a killed run)")
-        old = store.read_manifest(embeddings) if os.path.isfile(os.path.join(embeddings, store.MANIFEST)) else None
+    fs.makedirs(embeddings)
+    fs.makedirs(root)
+    command = f"attnpipe reindex --embeddings {fs.display(embeddings)} --index {fs.display(root)}"
+    with exclusive(fs.join(root, LOCK), command), exclusive(fs.join(embeddings, LOCK), command):
+        for gone in layout.clean_leftovers(root):
+            _log(f"removed {gone}: left by a killed run")
+        old = store.read_manifest(embeddings) if fs.is_file(fs.join(embeddings, store.MANIFEST)) else None
         known = {s["name"]: s for s in old["shards"]} if old else {}
         shards = discover(inputs, known)
+        damaged = store.damaged_parts(embeddings, old) if old else {}
+        for why in damaged.values():
+            _log(f"{why}: its shard is re-encoded")
+        if damaged:  # a damaged or missing part makes its shard 'changed': this run repairs it
+            bad = {e["name"] for e in old["shards"] if set(e["parts"]) & set(damaged)}
+            old = {**old, "shards": [{**e, "fingerprint": "damaged"} if e["name"] in bad else e for e in old["shards"]]}
         stale = _model_change(old, cfg)
         if stale and not force:
             raise ConfigError(
@@ -140,41 +145,42 @@ def _model_change(old: dict | None, cfg: Config) -> str:
 
 
 def _update_embeddings(embeddings: str, shards: list[Shard], todo: list[Shard], old: dict | None, cfg: Config) -> int:
-    """Encode ``todo`` into the dataset and commit the new manifest; returns the number of images encoded."""
-    old = old or {"shards": [], "next_part_number": 0}
+    """Encode ``todo`` into the dataset and commit the new manifest; returns the number of images encoded.
+
+    The encoding is a resumable run of the dataset (see :mod:`attnpipe.store.writer`): killed mid-way, the next
+    reindex finds the same shards to do and skips those already committed.
+    """
+    old = old or {"shards": []}
     current = {s.name: s for s in shards}
     redo = {s.name for s in todo}
     kept = [
         {**e, **current[e["name"]].to_json()} for e in old["shards"] if e["name"] in current and e["name"] not in redo
     ]  # stat may have moved: remember it
-    fresh: list[dict] = []
-    staging = None
-    if todo:
-        _log(f"encoding {len(todo)} shards: {', '.join(s.name for s in todo)}")
-        staging = os.path.join(embeddings, f".staging-{uuid.uuid4().hex[:8]}")
-        os.makedirs(staging)
-        t = time.perf_counter()
-        fresh = shard_entries(todo, write_parts(todo, staging, cfg))
-        summarize(fresh, os.path.abspath(embeddings), time.perf_counter() - t)
-    manifest = new_manifest(kept + fresh, cfg)
-    numbers = {f: n for f, n in store.part_numbers(old).items() if any(f in e["parts"] for e in kept)}
-    first = old.get("next_part_number", len(store.part_numbers(old)))
-    added = store.number_parts(fresh, first)
-    manifest["part_numbers"] = {**numbers, **added["part_numbers"]}
-    manifest["next_part_number"] = added["next_part_number"]
-    manifest["retired"] = sorted({p for e in old["shards"] for p in e["parts"]} - set(manifest["part_numbers"]))
-    if old["shards"] and _same_dataset(old, manifest) and not todo:
+    if old["shards"] and not todo and _same_dataset(old, kept, cfg):
+        for gone in store.clean_dataset(embeddings):
+            _log(f"removed {gone}: left by a killed run")
         return 0
-    write_config(embeddings, cfg)
-    store.commit(embeddings, staging, manifest)
-    return sum(e["rows"] for e in fresh)
+    keep = {f: n for f, n in store.part_numbers(old).items() if any(f in e["parts"] for e in kept)}
+    run = store.start_run(embeddings, {"reindex": run_description(todo, cfg)}, resume=True, replace=True)
+    fresh = {name: rec["entry"] for name, rec in run.resumed.items()}
+    rest = [s for s in todo if s.name not in fresh]
+    if rest:
+        _log(f"encoding {len(rest)} shards: {', '.join(s.name for s in rest)}")
+        t = time.perf_counter()
+        for entry, parts in encode_shards(rest, embeddings, run.token, cfg):
+            run.commit_shard(entry, parts)
+            fresh[entry["name"]] = entry
+        summarize([fresh[s.name] for s in rest], embeddings, time.perf_counter() - t)
+    entries = kept + [fresh[s.name] for s in todo]
+    run.publish(entries, {"model": model_signature(cfg)}, config=cfg.to_dict(), keep=keep)
+    return sum(fresh[s.name]["rows"] for s in rest)
 
 
-def _same_dataset(old: dict, new: dict) -> bool:
-    def view(m: dict) -> list[tuple]:
-        return sorted((e["name"], e["fingerprint"], e.get("stat"), tuple(e["parts"])) for e in m["shards"])
+def _same_dataset(old: dict, kept: list[dict], cfg: Config) -> bool:
+    def view(entries: list[dict]) -> list[tuple]:
+        return sorted((e["name"], e["fingerprint"], e.get("stat"), tuple(e["parts"])) for e in entries)
 
-    return view(old) == view(new) and old.get("model") == new.get("model")
+    return view(old["shards"]) == view(kept) and old.get("model") == model_signature(cfg)
 
 
 def _describe(changes: dict[str, list[str]]) -> str:

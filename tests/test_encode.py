@@ -110,15 +110,23 @@ def test_every_pooling_head_through_ray(ray_session, sample_inputs, tmp_path):
         assert store.dataset_metadata(out)["attnpipe.pooling"] == head
 
 
-def test_failed_run_leaves_previous_output_untouched(ray_session, sample_inputs, tmp_path):
+def test_failed_run_leaves_previous_output_untouched_and_resumes(ray_session, sample_inputs, tmp_path):
     out = str(tmp_path / "emb")
     encode([sample_inputs["parquet"]], out, fast_config())
-    before = sorted(os.listdir(out))
+    before = store.read_manifest(out)
+    rows_before = store.read_embeddings(out, ["id"]).column("id").to_pylist()
     with pytest.raises(Exception, match="injected"):
-        encode([sample_inputs["tar"]], out, fast_config(), overwrite=True, _crash_after_parts=1)
-    assert sorted(os.listdir(out)) == before
-    assert store.read_manifest(out)["shards"][0]["name"] == "parquet-00000"
-    assert os.listdir(tmp_path) == ["emb"]  # staging removed
+        encode([sample_inputs["tar"]], out, fast_config(), overwrite=True, _crash_after_shards=1)
+    assert store.read_manifest(out) == before  # the commit point did not move
+    assert store.read_embeddings(out, ["id"]).column("id").to_pylist() == rows_before
+    summary = encode([sample_inputs["tar"]], out, fast_config(), overwrite=True)
+    assert summary["resumed_shards"] == 1 and summary["shards"] == 2
+    ids = store.read_embeddings(out, ["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 24 and all(i.startswith("tar-") for i in ids)
+    listed = {p for s in store.read_manifest(out)["shards"] for p in s["parts"]}
+    assert {n for n in os.listdir(out) if n.startswith("part-")} == listed  # the crashed run's leftovers are gone
+    assert "_staging" not in os.listdir(out)
+    assert os.listdir(tmp_path) == ["emb"]
 
 
 def test_fail_fast_before_ray_work(tmp_path, sample_inputs):
@@ -127,6 +135,8 @@ def test_fail_fast_before_ray_work(tmp_path, sample_inputs):
     with pytest.raises(InputError, match="does not exist"):
         encode([str(tmp_path / "missing")], str(tmp_path / "o"), fast_config())
     os.makedirs(tmp_path / "exists")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    (tmp_path / "exists" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an attnpipe embeddings dataset"):
         encode([sample_inputs["tar"]], str(tmp_path / "exists"), fast_config())
+    assert os.listdir(tmp_path / "exists") == ["notes.txt"]
     assert len(discover([sample_inputs["tar"]])) == 2
