@@ -287,16 +287,39 @@ class _TarStream:
 
     def __init__(self, f):
         self._f = f
+        self._read1 = getattr(f, "read1", None)  # decompressors: one step at a time, so a cut loses no earlier bytes
+        self._error: Exception | None = None
         self.total = 0
         self.last_nonzero = -1
 
     def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n) if n is not None and n >= 0 else self._f.read()
+        if self._error is not None:
+            raise self._error
+        if self._read1 is None:
+            data = self._f.read(n) if n is not None and n >= 0 else self._f.read()
+        else:
+            data = self._read_steps(n if n is not None and n >= 0 else 1 << 62)
         body = len(data.rstrip(b"\0"))
         if body:
             self.last_nonzero = self.total + body - 1
         self.total += len(data)
         return data
+
+    def _read_steps(self, n: int) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while size < n:
+                piece = self._read1(min(n - size, 1 << 16))
+                if not piece:
+                    break
+                chunks.append(piece)
+                size += len(piece)
+        except (EOFError, OSError) as exc:  # a cut or bad compressed stream: hand out what came before, then fail
+            if not chunks:
+                raise
+            self._error = exc
+        return b"".join(chunks)
 
     def end_problem(self, end: int) -> str | None:
         while self.read(1 << 20):  # drain: gzip checks its CRC and length only at the end of its stream
