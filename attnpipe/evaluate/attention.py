@@ -180,3 +180,63 @@ def histogram(values: np.ndarray, bins: int = 20, range_: tuple[float, float] = 
     v = np.clip(v[np.isfinite(v)], lo, hi)
     counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
     return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+class Totals:
+    """Mergeable sums behind :func:`summarize`: one part of a dataset at a time, merged across parts (or tasks).
+
+    ``add(stats, labels)`` takes :func:`per_image_stats` of some images; ``merge`` adds another ``Totals``;
+    ``summary()`` returns what :func:`summarize` returns over all images added (means of sums, so the same numbers
+    up to float rounding). ``histogram`` holds the exact counts of the normalized entropy in 20 bins over [0, 1].
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        # label key -> [images, {stat: [sum, finite count]}]; overall under None
+        self.groups: dict[str | None, list] = {}
+        self.entropy_counts = np.zeros(20, np.int64)
+
+    def add(self, stats: dict[str, np.ndarray], labels: Sequence[str | None]) -> None:
+        n = len(next(iter(stats.values()))) if stats else 0
+        self.count += n
+        keys = [NONE_LABEL if x is None else str(x) for x in labels]
+        names = sorted(set(keys))
+        code_of = {name: c for c, name in enumerate(names)}
+        codes = np.fromiter((code_of[x] for x in keys), np.int64, n)
+        counts = np.bincount(codes, minlength=len(names))
+        values = {("pointing_game" if k == "pointing_hit" else k): np.asarray(v, np.float64) for k, v in stats.items()}
+        self._add_group(None, n, values, np.zeros(n, np.int64), 0)
+        for c, name in enumerate(names):
+            self._add_group(name, int(counts[c]), values, codes, c)
+        self.entropy_counts += histogram(stats["entropy"])["counts"] if "entropy" in stats else 0
+
+    def _add_group(self, key: str | None, images: int, values: dict[str, np.ndarray], codes: np.ndarray, c: int):
+        group = self.groups.setdefault(key, [0, {}])
+        group[0] += images
+        for name, v in values.items():
+            sel = (codes == c) & np.isfinite(v)
+            acc = group[1].setdefault(name, [0.0, 0])
+            acc[0] += float(v[sel].sum())
+            acc[1] += int(sel.sum())
+
+    def merge(self, other: Totals) -> Totals:
+        self.count += other.count
+        self.entropy_counts += other.entropy_counts
+        for key, (images, stats) in other.groups.items():
+            group = self.groups.setdefault(key, [0, {}])
+            group[0] += images
+            for name, (s, k) in stats.items():
+                acc = group[1].setdefault(name, [0.0, 0])
+                acc[0] += s
+                acc[1] += k
+        return self
+
+    def summary(self) -> dict:
+        def means(stats: dict) -> dict[str, float]:
+            return {name: s / k for name, (s, k) in stats.items() if k}
+
+        overall = self.groups.get(None, [0, {}])
+        out: dict = {"count": self.count, "overall": means(overall[1]), "per_label": {}}
+        labels = sorted(k for k in self.groups if k is not None)
+        out["per_label"] = {k: {"count": self.groups[k][0], **means(self.groups[k][1])} for k in labels}
+        return out

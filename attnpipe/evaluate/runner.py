@@ -1,9 +1,10 @@
-"""The offline evaluation job: embeddings + index -> ``metrics.json`` + ``report.html``.
+"""The offline evaluation job: embeddings + index -> ``metrics.json`` + ``report.html``, streaming the gallery.
 
 Queries are a second encoded dataset (``--queries``) or a seeded sample of the gallery searched leave-one-out (the
-query's own row removed from every result list). Relevance is "same label" or a TREC qrels file. Every ranking is
-computed in query batches (faiss brute-force kernels for exact search), so no queries x gallery matrix is held at
-once; rankings go to depth ``min(gallery, depth)`` (default 10,000: the full ranking for galleries up to that size).
+query's own row removed from every result list). Relevance is "same label" or a TREC qrels file. The driver holds
+the index, the queries and their rankings (to depth ``min(gallery, depth)``, default 10,000); the gallery is read
+part by part, once (:mod:`attnpipe.evaluate.exact`: exact top-k, relevance of every ranked result, relevant counts
+and attention statistics, merged as parts finish), so memory does not grow with the gallery.
 
 Sections of ``metrics.json``: ``meta``, ``exact``, ``faiss`` (at the index's tuned nprobe/efSearch, plus
 ``recall_vs_exact@k``, ``qps``, latency), ``lsh`` (SimHash candidates re-ranked exactly), ``attention`` (per head),
@@ -17,60 +18,43 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
-import pyarrow.compute as pc
 
-from attnpipe import store
-from attnpipe.evaluate import attention as attn_stats
+from attnpipe import fs, store
+from attnpipe.evaluate import cards as card_mod
+from attnpipe.evaluate import exact
 from attnpipe.evaluate.metrics import DEFAULT_KS, ranking_metrics, read_qrels
 from attnpipe.index import faiss_index as fx
-from attnpipe.index.search import SearchIndex
+from attnpipe.index import layout
 
 QUERY_BATCH = 512
-CARDS = 6
+TUNE_K = 10
 
 
 @dataclass
-class Dataset:
-    """The ok rows of an embeddings dataset, in memory (ids, vectors, labels, attention maps, boxes)."""
+class Queries:
+    """The evaluation queries, in memory: ids, vectors, labels, faiss ids in their own dataset, and the dataset."""
 
-    path: str
-    ids: np.ndarray
-    X: np.ndarray
-    labels: np.ndarray
-    attention: np.ndarray
-    boxes: np.ndarray
-    pooling: str
+    ids: list[str]
+    Q: np.ndarray
+    labels: list
+    fids: np.ndarray
+    dataset: store.Dataset
+    leave_one_out: bool
 
-    @classmethod
-    def load(cls, path: str) -> Dataset:
-        cols = ["id", "label", "embedding", "attention", "attn_h", "attn_w", "box"]
-        t = store.read_embeddings(path, cols, filter=pc.field("status") == "ok")
-        if t.num_rows == 0:
-            raise ValueError(f"{path} has no ok rows to evaluate")
-        emb, att = t.column("embedding").combine_chunks(), t.column("attention").combine_chunks()
-        h, w = int(t.column("attn_h")[0].as_py()), int(t.column("attn_w")[0].as_py())
-        X = emb.flatten().to_numpy().reshape(len(t), emb.type.list_size).astype(np.float32)
-        A = att.flatten().to_numpy(zero_copy_only=False).reshape(len(t), h, w).astype(np.float32)
-        box = t.column("box").to_pylist()
-        boxes = np.array([b if b is not None else [np.nan] * 4 for b in box], np.float32).reshape(len(t), 4)
-        pooling = store.dataset_metadata(path).get("attnpipe.pooling", "?")
-        return cls(
-            path,
-            np.array(t.column("id").to_pylist(), object),
-            X,
-            np.array(t.column("label").to_pylist(), object),
-            A,
-            boxes,
-            pooling,
-        )
+    @property
+    def self_fids(self) -> np.ndarray | None:
+        return self.fids if self.leave_one_out else None
+
+
+def ok_counts(ds: store.Dataset) -> list[int]:
+    """Ok rows of every part (from the manifest; read from the part for manifests without per-part counts)."""
+    return [p.ok if p.ok >= 0 else store.read_part(ds.path, p, ["status"], ok_only=True).num_rows for p in ds.parts()]
 
 
 def evaluate(
@@ -85,192 +69,229 @@ def evaluate(
     seed: int = 0,
     compare: tuple[str, ...] = (),
     version: str | None = None,
+    workers: int = 0,
 ) -> dict:
-    """Run the whole evaluation and publish ``out/{metrics.json, report.html}`` atomically; returns the metrics."""
+    """Run the whole evaluation and publish ``out/{metrics.json, report.html}`` atomically; returns the metrics.
+
+    Raises:
+        layout.IndexLayoutError: the index was built from another state of the embeddings (or is damaged).
+        ValueError: no ok rows, no labels and no qrels, or ``--compare`` with ``--queries``.
+    """
     from attnpipe.evaluate.report import write_report
 
     if queries and compare:
         raise ValueError("--compare evaluates gallery-sampled queries (leave-one-out); drop --queries to use it")
+    ks = tuple(dict.fromkeys(int(k) for k in ks))
     start = time.perf_counter()
-    gallery = Dataset.load(embeddings)
-    index = SearchIndex.load(index_root, version)
+    gallery = store.open_dataset(embeddings)
+    manifest = layout.load_manifest(index_root, version, verify=True)
+    check_source(manifest, gallery)
+    indexes = fx.load_version(manifest)
+    workers = workers or _default_workers()
+    counts = ok_counts(gallery)
+    n = sum(counts)
+    if n == 0:
+        raise ValueError(f"{embeddings} has no ok rows to evaluate")
     judged = read_qrels(qrels) if qrels else None
-    q_ids, Q, q_labels, self_rows = _queries(gallery, queries, num_queries, seed, judged)
-    is_rel, num_rel = _relevance(gallery, q_ids, q_labels, self_rows, judged)
-    depth = min(len(gallery.ids), max(depth, max(ks)))
+    q = _queries(gallery, counts, queries, num_queries, seed, judged)
+    if judged is None and all(x is None for x in q.labels):
+        raise ValueError("relevance needs labels on queries and gallery, or a TREC qrels file (--qrels)")
+    depth = min(n, max(depth, max(ks)))
     _log(
-        f"eval: {len(q_ids)} queries vs {len(gallery.ids)} gallery vectors, depth {depth}"
-        f"{', leave-one-out' if self_rows is not None else ''}"
+        f"eval: {len(q.ids)} queries vs {n} gallery vectors, depth {depth}"
+        f"{', leave-one-out' if q.leave_one_out else ''}"
     )
+    # ANN rankings and LSH candidates first (driver, index only); the gallery pass resolves their relevance.
+    faiss_ids = _faiss_ids(indexes, q.Q, depth, q.self_fids)
+    lsh_cands = _lsh_candidates(manifest, q)
+    extra = lsh_cands or []
+    pair_q = np.concatenate([np.repeat(np.arange(len(q.ids)), depth), *(np.full(len(c), i) for i, c in extra)])
+    pair_f = np.concatenate([faiss_ids.ravel(), *(c for _, c in extra)])
+    valid = pair_f >= 0
+    sel = np.flatnonzero(valid)
+    spec = _spec(q, judged, depth, n)
+    scan = exact.scan(gallery, spec, pair_q[sel], pair_f[sel], workers, seed)
+    if judged is None and not scan.label_counts:
+        raise ValueError("relevance needs labels on queries and gallery, or a TREC qrels file (--qrels)")
+    rel_all = np.zeros(len(pair_f), bool)
+    rel_all[sel] = scan.pair_rel
+    score_all = np.full(len(pair_f), np.nan, np.float32)
+    score_all[sel] = scan.pair_score
+    exact_ids, exact_rel = exact.drop_self(scan.exact_ids, scan.exact_rel, q.self_fids, depth)
+    exact_scores = _scores_after_drop(scan, q.self_fids, depth)
 
-    exact_rows = _exact_rankings(gallery.X, Q, depth, self_rows)
-    metrics: dict = {"exact": ranking_metrics(is_rel(exact_rows), num_rel, ks)}
-    to_rows = _rows_of_fids(index, gallery)  # faiss ids -> gallery rows, built once
-    faiss_section, sweep = _faiss_section(index, to_rows, Q, self_rows, exact_rows, is_rel, num_rel, ks, depth)
-    metrics["faiss"] = faiss_section
-    lsh = _lsh_section(index, to_rows, gallery.X, Q, self_rows, exact_rows, is_rel, num_rel, ks)
-    if lsh:
-        metrics["lsh"] = lsh
-    heads, entropies = {}, {}
-    for ds in [gallery, *(Dataset.load(p) for p in compare)]:
-        stats = attn_stats.per_image_stats(ds.attention, ds.boxes)
-        heads[ds.pooling] = attn_stats.summarize(stats, list(ds.labels))
-        entropies[ds.pooling] = stats["entropy"]
-        if ds is not gallery:
-            metrics.setdefault("heads", {gallery.pooling: metrics["exact"]})[ds.pooling] = _compare_exact(
-                ds, q_ids, queries is None, depth, ks, qrels
-            )
+    metrics: dict = {"exact": ranking_metrics(exact_rel, scan.num_rel, ks)}
+    nf = len(q.ids) * depth
+    faiss_rel = rel_all[:nf].reshape(len(q.ids), depth)
+    metrics["faiss"], sweep = _faiss_section(manifest, indexes, q, faiss_ids, faiss_rel, exact_ids, scan, ks)
+    if lsh_cands is not None:
+        metrics["lsh"] = _lsh_section(lsh_cands, rel_all[nf:], score_all[nf:], exact_ids, scan.num_rel, ks)
+    pooling = gallery.metadata().get("attnpipe.pooling", "?")
+    heads = {pooling: _head_summary(scan)}
+    entropies = {pooling: np.concatenate(scan.entropies) if scan.entropies else np.zeros(0)}
+    for path in compare:
+        other, ometrics, oscan = _compare(path, q, judged, depth, ks, workers, seed)
+        name = other.metadata().get("attnpipe.pooling", "?")
+        heads[name] = _head_summary(oscan)
+        entropies[name] = np.concatenate(oscan.entropies) if oscan.entropies else np.zeros(0)
+        metrics.setdefault("heads", {pooling: metrics["exact"]})[name] = ometrics
     metrics["attention"] = {"heads": heads}
     metrics["meta"] = {
-        "embeddings": os.path.abspath(embeddings),
-        "index": os.path.abspath(index_root),
-        "version": index.manifest["version"],
-        "queries": len(q_ids),
-        "gallery": len(gallery.ids),
+        "embeddings": fs.display(embeddings),
+        "index": fs.display(index_root),
+        "version": manifest["version"],
+        "queries": len(q.ids),
+        "gallery": n,
         "depth": depth,
-        "leave_one_out": self_rows is not None,
+        "leave_one_out": q.leave_one_out,
         "relevance": "qrels" if qrels else "label",
-        "model": store.dataset_metadata(embeddings).get("attnpipe.model"),
-        "pooling": gallery.pooling,
-        "factory": index.manifest["faiss"]["factory"],
+        "model": gallery.metadata().get("attnpipe.model"),
+        "pooling": pooling,
+        "factory": manifest["faiss"]["factory"],
+        "workers": workers,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    cards = _cards(gallery, q_ids, Q, exact_rows, is_rel, self_rows)
+    picks = card_mod.pick_queries(q.ids)
+    cards = card_mod.build_cards(gallery, q.dataset, picks, q.ids, q.fids, exact_ids, exact_scores, exact_rel)
     stage = store.staging_dir(out)
-    try:
-        store.write_json(os.path.join(stage, "metrics.json"), metrics)
-        write_report(os.path.join(stage, "report.html"), metrics, {"sweep": sweep, "entropy": entropies}, cards)
-        store.publish(stage, out, overwrite=True)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    _log(f"eval: wrote {os.path.join(out, 'metrics.json')} and {os.path.join(out, 'report.html')}")
+    store.write_json(os.path.join(stage, "metrics.json"), metrics)
+    write_report(os.path.join(stage, "report.html"), metrics, {"sweep": sweep, "entropy": entropies}, cards)
+    store.publish(stage, out, kind="eval", overwrite=True)
+    _log(f"eval: wrote {fs.join(out, 'metrics.json')} and {fs.join(out, 'report.html')}")
     return metrics
 
 
-def _queries(gallery: Dataset, queries: str | None, n: int, seed: int, judged: dict | None):
-    """Query ids, vectors, labels, and each query's gallery row (None when the queries are another dataset).
+def check_source(manifest: dict, gallery: store.Dataset) -> None:
+    """Refuse an index built from another state of the embeddings: its faiss ids would name other rows.
 
-    Gallery-sampled queries are drawn from the rows that can have relevant items: all rows for label relevance,
-    the qrels' query ids for ``--qrels``.
+    Raises:
+        layout.IndexLayoutError: the version records another embeddings manifest checksum.
+    """
+    recorded = manifest.get("source", {}).get("manifest_sha256")
+    if recorded is not None and recorded != gallery.manifest_sha256:
+        raise layout.IndexLayoutError(
+            f"index version {manifest['version']} under {fs.display(os.path.dirname(manifest['path']))} was built "
+            f"from another state of the embeddings than {fs.display(gallery.path)} (manifest checksum differs); "
+            "run `attnpipe reindex` (or `attnpipe index`) to bring the index up to date, then evaluate again"
+        )
+
+
+def _default_workers() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+
+
+def _spec(q: Queries, judged: dict | None, depth: int, n: int) -> exact.Spec:
+    return exact.Spec(
+        Q=q.Q,
+        labels=list(q.labels),
+        self_fids=q.self_fids,
+        judged=None if judged is None else [judged.get(i, set()) for i in q.ids],
+        k=min(n, depth + q.leave_one_out),
+        entropy_rate=min(1.0, exact.ENTROPY_SAMPLE / max(n, 1)),
+        self_ids=list(q.ids) if q.leave_one_out else None,
+    )
+
+
+def _scores_after_drop(scan: exact.Scan, self_fids, depth: int) -> np.ndarray:
+    if self_fids is None:
+        return scan.exact_scores[:, :depth]
+    drop = scan.exact_ids == self_fids[:, None]
+    order = np.argsort(drop, axis=1, kind="stable")
+    out = np.take_along_axis(np.where(drop, -np.inf, scan.exact_scores), order, 1)[:, :depth]
+    return np.pad(out, ((0, 0), (0, depth - out.shape[1])), constant_values=-np.inf)
+
+
+def _queries(gallery: store.Dataset, counts: list[int], queries: str | None, n: int, seed: int, judged) -> Queries:
+    """Read the queries: the whole ``queries`` dataset, or a seeded sample of gallery rows (part by part).
+
+    Gallery-sampled queries are drawn from the rows that can have relevant items: all ok rows for label relevance,
+    the qrels' query ids for ``--qrels``; row ``r`` is the ``r``-th ok row in part-number order.
     """
     if queries:
-        q = Dataset.load(queries)
-        return q.ids, q.X, q.labels, None
-    pool = np.arange(len(gallery.ids)) if judged is None else np.flatnonzero([i in judged for i in gallery.ids])
+        qds = store.open_dataset(queries)
+        ids, X, labels, fids = _read_rows(qds, None)
+        if not ids:
+            raise ValueError(f"{queries} has no ok rows to evaluate")
+        return Queries(ids, X, labels, fids, qds, False)
+    offsets = np.cumsum([0, *counts])
+    if judged is None:
+        pool = np.arange(offsets[-1])
+    else:
+        found = []
+        for p, off in zip(gallery.parts(), offsets):
+            ids = store.read_part(gallery.path, p, ["id"], ok_only=True).column("id").to_pylist()
+            found.extend(off + r for r, i in enumerate(ids) if i in judged)
+        pool = np.array(found, np.int64)
     if len(pool) == 0:
         raise ValueError("no query id of the qrels file is in the gallery")
     rows = np.sort(np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False))
-    return gallery.ids[rows], gallery.X[rows], gallery.labels[rows], rows
+    ids, X, labels, fids = _read_rows(gallery, (rows, offsets))
+    return Queries(ids, X, labels, fids, gallery, True)
 
 
-def _relevance(gallery: Dataset, q_ids, q_labels, self_rows, judged: dict | None):
-    """A function (rows (nq, depth), query subset) -> bool relevance, and R per query (self excluded in LOO)."""
-    if judged is not None:
-        row_of = {i: r for r, i in enumerate(gallery.ids)}
-        rel_rows = [np.array(sorted(row_of[d] for d in judged.get(q, ()) if d in row_of), np.int64) for q in q_ids]
-        if self_rows is not None:
-            rel_rows = [r[r != s] for r, s in zip(rel_rows, self_rows)]
-        num_rel = np.array([len(r) for r in rel_rows])
-
-        def is_rel_judged(rows: np.ndarray, q: np.ndarray | None = None) -> np.ndarray:
-            sets = rel_rows if q is None else [rel_rows[i] for i in q]
-            return np.stack([np.isin(row, r) & (row >= 0) for row, r in zip(rows, sets)])
-
-        return is_rel_judged, num_rel
-    if all(lab is None for lab in q_labels) or all(lab is None for lab in gallery.labels):
-        raise ValueError("relevance needs labels on queries and gallery, or a TREC qrels file (--qrels)")
-    codes = {lab: c for c, lab in enumerate(sorted({x for x in gallery.labels if x is not None}))}
-    g_code = np.array([codes.get(x, -1) for x in gallery.labels])
-    q_code = np.array([codes.get(x, -2) if x is not None else -2 for x in q_labels])  # -2: matches nothing
-    counts = np.bincount(g_code[g_code >= 0], minlength=len(codes))
-    num_rel = np.where(q_code >= 0, counts[np.clip(q_code, 0, None)], 0) - (self_rows is not None)
-    num_rel = np.maximum(num_rel, 0)
-
-    def is_rel(rows: np.ndarray, q: np.ndarray | None = None) -> np.ndarray:
-        """rows (nq, depth) of gallery rows (-1 = none) -> relevance; ``q`` selects a subset of the queries."""
-        codes_q = q_code if q is None else q_code[q]
-        return (rows >= 0) & (g_code[np.clip(rows, 0, None)] == codes_q[:, None])
-
-    return is_rel, num_rel
+def _read_rows(ds: store.Dataset, picked) -> tuple[list[str], np.ndarray, list, np.ndarray]:
+    """Ids, vectors, labels and faiss ids of all ok rows (``picked`` None) or of the given global rows."""
+    ids, Xs, labels, fids = [], [], [], []
+    for i, p in enumerate(ds.parts()):
+        if picked is not None:
+            rows, offsets = picked
+            local = rows[(rows >= offsets[i]) & (rows < offsets[i + 1])] - offsets[i]
+            if not len(local):
+                continue
+        t = store.read_part(ds.path, p, ["id", "label", "embedding"], ok_only=True)
+        if picked is None:
+            local = np.arange(t.num_rows)
+        t = t.take(local)
+        ids += t.column("id").to_pylist()
+        labels += t.column("label").to_pylist()
+        if t.num_rows:
+            Xs.append(store.embedding_matrix(t))
+        fids.append((np.int64(p.number) << 32) | local.astype(np.int64))
+    X = np.concatenate(Xs) if Xs else np.zeros((0, 0), np.float32)
+    return ids, np.ascontiguousarray(X, np.float32), labels, np.concatenate(fids) if fids else np.zeros(0, np.int64)
 
 
-def _drop_self(rows: np.ndarray, self_rows, depth: int) -> np.ndarray:
-    if self_rows is None:
-        return rows[:, :depth]
-    drop = rows == self_rows[:, None]
-    order = np.argsort(drop, axis=1, kind="stable")  # kept entries first, in rank order; self (if any) last
-    out = np.take_along_axis(np.where(drop, -1, rows), order, 1)[:, :depth]
-    if out.shape[1] < depth:
-        out = np.pad(out, ((0, 0), (0, depth - out.shape[1])), constant_values=-1)
-    return out
-
-
-def _exact_rankings(X: np.ndarray, Q: np.ndarray, depth: int, self_rows) -> np.ndarray:
-    """Gallery rows of the exact top-``depth`` per query, in batches of queries (faiss brute-force kernel)."""
-    extra = self_rows is not None
-    k = min(len(X), depth + extra)
+def _faiss_ids(indexes, Q: np.ndarray, depth: int, self_fids) -> np.ndarray:
+    """ANN faiss ids to ``depth`` per query (self dropped), in query batches."""
+    extra = self_fids is not None
     out = []
     for s in range(0, len(Q), QUERY_BATCH):
-        _, I = faiss.knn(Q[s : s + QUERY_BATCH], X, k, metric=faiss.METRIC_INNER_PRODUCT)
-        out.append(_drop_self(I, self_rows[s : s + QUERY_BATCH] if extra else None, depth))
-    return np.concatenate(out)
-
-
-def _rows_of_fids(index: SearchIndex, gallery: Dataset):
-    """A vectorized map faiss ids -> gallery rows (-1 when unknown)."""
-    row_of = {i: r for r, i in enumerate(gallery.ids)}
-    fids, ids = index.id_map
-    fid_rows = np.array([row_of.get(i, -1) for i in ids], np.int64)  # aligned with fids (sorted)
-
-    def rows(I: np.ndarray) -> np.ndarray:
-        pos = np.clip(np.searchsorted(fids, I), 0, len(fids) - 1)
-        return np.where((I >= 0) & (fids[pos] == I), fid_rows[pos], -1)
-
-    return rows
-
-
-def _faiss_rows(index: SearchIndex, to_rows, Q: np.ndarray, k: int, self_rows) -> np.ndarray:
-    extra = self_rows is not None
-    out = []
-    for s in range(0, len(Q), QUERY_BATCH):
-        _, I = fx.search(index.indexes, Q[s : s + QUERY_BATCH], k + extra)
-        out.append(_drop_self(to_rows(I), self_rows[s : s + QUERY_BATCH] if extra else None, k))
+        _, I = fx.search(indexes, Q[s : s + QUERY_BATCH], depth + extra)
+        sf = self_fids[s : s + QUERY_BATCH] if extra else None
+        out.append(exact.drop_self(I, np.zeros(I.shape, bool), sf, depth)[0])
     return np.concatenate(out)
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    """Mean |a[:k] ∩ b[:k]| / k over queries (rows are gallery rows, -1 = none)."""
+    """Mean |a[:k] ∩ b[:k]| / k over queries (faiss ids, -1 = none)."""
     hits = [len(set(x[:k][x[:k] >= 0]) & set(y[:k][y[:k] >= 0])) for x, y in zip(a, b)]
     return float(np.mean(hits) / k)
 
 
-def _faiss_section(index, to_rows, Q, self_rows, exact_rows, is_rel, num_rel, ks, depth):
-    rows = _faiss_rows(index, to_rows, Q, depth, self_rows)
-    section = ranking_metrics(is_rel(rows), num_rel, ks)
+def _faiss_section(manifest, indexes, q: Queries, ids, rel, exact_ids, scan: exact.Scan, ks) -> tuple[dict, list]:
+    section = ranking_metrics(rel, scan.num_rel, ks)
     for k in ks:
-        section[f"recall_vs_exact@{k}"] = _overlap(rows, exact_rows, k)
-    k = max(ks)
-    section["qps"], section["latency_ms_p50"], section["latency_ms_p99"] = _speed(index.indexes, Q, k)
-    param = next((p for p in ("nprobe", "efSearch") if p in index.manifest["faiss"]), None)
+        section[f"recall_vs_exact@{k}"] = _overlap(ids, exact_ids, k)
+    section["qps"], section["latency_ms_p50"], section["latency_ms_p99"] = _speed(indexes, q.Q, max(ks))
+    param = next((p for p in ("nprobe", "efSearch") if p in manifest["faiss"]), None)
     sweep = []
     if param:
-        tuned = index.manifest["faiss"][param]
+        tuned = manifest["faiss"][param]
         section[param] = tuned
-        _, values = fx.tune_param(index.indexes[0])
+        _, values = fx.tune_param(indexes[0])
         for v in [v for v in values if v <= max(tuned * 8, 16)][:10]:
-            fx.set_search_param(index.indexes, param, v)
-            r = _faiss_rows(index, to_rows, Q, 10, self_rows)
+            fx.set_search_param(indexes, param, v)
+            found = _faiss_ids(indexes, q.Q, TUNE_K, q.self_fids)
             sweep.append(
                 {
                     param: v,
-                    "recall_vs_exact@10": _overlap(r, exact_rows, 10),
-                    "qps": _speed(index.indexes, Q, 10, latency=False)[0],
+                    f"recall_vs_exact@{TUNE_K}": _overlap(found, exact_ids, TUNE_K),
+                    "qps": _speed(indexes, q.Q, TUNE_K, latency=False)[0],
                 }
             )
-        fx.set_search_param(index.indexes, param, tuned)
+        fx.set_search_param(indexes, param, tuned)
     return section, sweep
 
 
@@ -284,96 +305,89 @@ def _speed(indexes, Q: np.ndarray, k: int, latency: bool = True) -> tuple[float,
     if not latency:
         return len(Q) / best, 0.0, 0.0
     lat = []
-    for q in Q[:200]:
+    for v in Q[:200]:
         t = time.perf_counter()
-        fx.search(indexes, q[None], k)
+        fx.search(indexes, v[None], k)
         lat.append((time.perf_counter() - t) * 1000)
     return len(Q) / best, float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
 
 
-def _lsh_section(index, to_rows, X, Q, self_rows, exact_rows, is_rel, num_rel, ks) -> dict | None:
-    """SimHash candidates (self removed) re-ranked by exact cosine; candidate recall of the exact top-10."""
-    path = os.path.join(index.manifest["path"], "lsh", "simhash")
-    if not os.path.isdir(path):
+def _lsh_candidates(manifest: dict, q: Queries) -> list[tuple[int, np.ndarray]] | None:
+    """SimHash candidate faiss ids per query (self removed), or None without SimHash tables."""
+    if "simhash" not in manifest.get("lsh", {}):
         return None
     from attnpipe.index.lsh import SimHashLSH
 
+    table = SimHashLSH.load(os.path.join(manifest["path"], "lsh", "simhash"))
+    out = []
+    for i, fids in enumerate(table.candidates(q.Q)):
+        c = np.asarray(fids, np.int64)
+        if q.leave_one_out:
+            c = c[c != q.fids[i]]
+        out.append((i, c[c >= 0]))
+    return out
+
+
+def _lsh_section(cands, rel: np.ndarray, score: np.ndarray, exact_ids, num_rel, ks) -> dict:
+    """Candidates re-ranked by their exact cosine (``SimHashLSH.search`` order); candidate recall of the exact
+    top-10. ``rel``/``score`` hold every candidate of every query, concatenated in query order."""
     depth = max(ks)
-    rows = np.full((len(Q), depth), -1, np.int64)
+    nq = len(cands)
+    rows = np.zeros((nq, depth), bool)
     found, sizes = [], []
-    for i, fids in enumerate(SimHashLSH.load(path).candidates(Q)):
-        cand = to_rows(np.asarray(fids, np.int64))
-        cand = cand[(cand >= 0) & (cand != (self_rows[i] if self_rows is not None else -2))]
-        top = cand[np.argsort(-(X[cand] @ Q[i]), kind="stable")[:depth]]
-        rows[i, : len(top)] = top
-        truth = exact_rows[i, :10][exact_rows[i, :10] >= 0]
-        found.append(np.isin(truth, cand).mean() if len(truth) else 1.0)
-        sizes.append(len(cand))
-    section = ranking_metrics(is_rel(rows), num_rel, ks)
-    section["candidate_recall@10"] = float(np.mean(found))
+    pos = 0
+    for i, c in cands:
+        s, r = score[pos : pos + len(c)], rel[pos : pos + len(c)]
+        pos += len(c)
+        known = ~np.isnan(s)  # a candidate id not in the gallery is dropped
+        c, s, r = c[known], s[known], r[known]
+        top = np.argsort(-s, kind="stable")[:depth]
+        rows[i, : len(top)] = r[top]
+        truth = exact_ids[i, :TUNE_K][exact_ids[i, :TUNE_K] >= 0]
+        found.append(np.isin(truth, c).mean() if len(truth) else 1.0)
+        sizes.append(len(c))
+    section = ranking_metrics(rows, num_rel, ks)
+    section[f"candidate_recall@{TUNE_K}"] = float(np.mean(found))
     section["mean_candidates"] = float(np.mean(sizes))
     return section
 
 
-def _compare_exact(ds: Dataset, q_ids, leave_one_out: bool, depth: int, ks, qrels) -> dict:
-    """Exact metrics of another encoding of the same images, for the same query ids."""
-    row_of = {i: r for r, i in enumerate(ds.ids)}
-    rows = np.array([row_of[q] for q in q_ids if q in row_of], np.int64)
-    self_rows = rows if leave_one_out else None
-    is_rel, num_rel = _relevance(ds, ds.ids[rows], ds.labels[rows], self_rows, read_qrels(qrels) if qrels else None)
-    return ranking_metrics(is_rel(_exact_rankings(ds.X, ds.X[rows], min(depth, len(ds.ids)), self_rows)), num_rel, ks)
-
-
-def _cards(gallery: Dataset, q_ids, Q, exact_rows, is_rel, self_rows, k: int = 5) -> list[dict]:
-    """A few queries with their attention map and top-k exact results, with the original image bytes."""
-    picks = np.arange(min(CARDS, len(q_ids)))
-    rel = is_rel(exact_rows[picks, :k], picks)
-    wanted = {q_ids[i] for i in picks} | {gallery.ids[r] for i in picks for r in exact_rows[i, :k] if r >= 0}
-    images = _fetch_images(gallery.path, wanted)
-    cards = []
-    for j, i in enumerate(picks):
-        qrow = self_rows[i] if self_rows is not None else None
-        cards.append(
-            {
-                "query_id": q_ids[i],
-                "label": gallery.labels[qrow] if qrow is not None else None,
-                "image": images.get(q_ids[i]),
-                "attention": gallery.attention[qrow] if qrow is not None else None,
-                "box": None if qrow is None or np.isnan(gallery.boxes[qrow]).any() else gallery.boxes[qrow].tolist(),
-                "results": [
-                    {
-                        "id": gallery.ids[r],
-                        "score": float(gallery.X[r] @ Q[i]),
-                        "relevant": bool(rel[j, c]),
-                        "image": images.get(gallery.ids[r]),
-                    }
-                    for c, r in enumerate(exact_rows[i, :k])
-                    if r >= 0
-                ],
-            }
-        )
-    return cards
-
-
-def _fetch_images(embeddings: str, ids: set[str]) -> dict[str, bytes]:
-    """Original image bytes for ``ids``, re-read from the source shards named in the manifest (best effort)."""
-    from attnpipe.data.readers import read_unit
-    from attnpipe.data.shards import discover, read_units
-
-    manifest = store.read_manifest(embeddings)
-    shards = {i.split("/", 1)[0] for i in ids}
-    uris = [s["uri"] for s in manifest["shards"] if s["name"] in shards and s.get("format") != "synthetic"]
-    out: dict[str, bytes] = {}
-    try:
-        found = [s for s in discover(uris) if s.name in shards] if uris else []
-    except (ValueError, OSError):  # sources moved or gone: the report shows placeholders
-        return out
-    for unit in read_units(found):
-        table = read_unit(unit, 64 << 20)
-        for rid, data in zip(table.column("id").to_pylist(), table.column("data").to_pylist()):
-            if rid in ids and data:
-                out[rid] = data
+def _head_summary(scan: exact.Scan) -> dict:
+    out = scan.attention.summary()
+    edges = np.linspace(0.0, 1.0, len(scan.attention.entropy_counts) + 1)
+    out["entropy_histogram"] = {"edges": edges.tolist(), "counts": scan.attention.entropy_counts.tolist()}
     return out
+
+
+def _compare(path: str, q: Queries, judged, depth: int, ks, workers: int, seed: int):
+    """Exact metrics and attention statistics of another encoding of the same images, for the same query ids."""
+    other = store.open_dataset(path)
+    want = set(q.ids)
+    ids, X, labels, fids = [], [], [], []
+    for p in other.parts():
+        t = store.read_part(other.path, p, ["id", "label", "embedding"], ok_only=True)
+        rows = np.flatnonzero([i in want for i in t.column("id").to_pylist()])
+        if len(rows):
+            t = t.take(rows)
+            ids += t.column("id").to_pylist()
+            labels += t.column("label").to_pylist()
+            X.append(store.embedding_matrix(t))
+            fids.append((np.int64(p.number) << 32) | rows.astype(np.int64))
+    order = {i: j for j, i in enumerate(ids)}  # the gallery's query order
+    perm = [order[i] for i in q.ids if i in order]
+    oq = Queries(
+        [ids[j] for j in perm],
+        np.ascontiguousarray(np.concatenate(X)[perm], np.float32),
+        [labels[j] for j in perm],
+        np.concatenate(fids)[perm],
+        other,
+        True,
+    )
+    n = sum(ok_counts(other))
+    d = min(depth, n)
+    scan = exact.scan(other, _spec(oq, judged, d, n), workers=workers, seed=seed)
+    _, rel = exact.drop_self(scan.exact_ids, scan.exact_rel, oq.self_fids, d)
+    return other, ranking_metrics(rel, scan.num_rel, ks), scan
 
 
 def _log(msg: str) -> None:
@@ -381,15 +395,14 @@ def _log(msg: str) -> None:
 
 
 def headline(metrics: dict) -> str:
-    """One line of the numbers people look at first."""
+    """One line of the numbers people look at first (the cut-offs the evaluation used, 10 when present)."""
     e, f = metrics["exact"], metrics.get("faiss", {})
-    parts = [f"exact map@r {e['map@r']:.3f}", f"precision@1 {e['precision@1']:.3f}", f"ndcg@10 {e['ndcg@10']:.3f}"]
+    ks = sorted(int(k.split("@")[1]) for k in e if k.startswith("ndcg@"))
+    k = 10 if 10 in ks else ks[-1] if ks else 10
+    parts = [f"exact map@r {e['map@r']:.3f}", f"precision@{ks[0] if ks else 1} {e.get(f'precision@{ks[0]}', 0):.3f}"]
+    parts.append(f"ndcg@{k} {e.get(f'ndcg@{k}', 0):.3f}")
     if f:
-        parts.append(f"faiss recall_vs_exact@10 {f['recall_vs_exact@10']:.3f} at {f.get('qps', 0):,.0f} QPS")
+        parts.append(f"faiss recall_vs_exact@{k} {f.get(f'recall_vs_exact@{k}', 0):.3f} at {f.get('qps', 0):,.0f} QPS")
     if "lsh" in metrics:
         parts.append(f"lsh candidate_recall@10 {metrics['lsh']['candidate_recall@10']:.3f}")
     return ", ".join(parts)
-
-
-def dumps(metrics: dict) -> str:
-    return json.dumps(metrics, indent=2, sort_keys=True)

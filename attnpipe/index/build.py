@@ -262,7 +262,7 @@ def source_info(embeddings: str, src_manifest: dict) -> dict:
         "model": src_manifest.get("model"),
         "shards": {s["name"]: s["fingerprint"] for s in src_manifest["shards"]},
         "parts": store.part_numbers(src_manifest),
-        "manifest_sha256": layout.checksum(os.path.join(embeddings, store.MANIFEST)),
+        "manifest_sha256": store.open_dataset(embeddings).manifest_sha256,
     }
 
 

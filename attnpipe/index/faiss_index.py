@@ -96,6 +96,31 @@ def merge(indexes: list[faiss.Index], kind: str) -> list[faiss.Index]:
     return [first]
 
 
+def read_index(path: str) -> faiss.Index:
+    """Read an index file; on-disk inverted lists (``*.ivfdata``) are looked up beside it, wherever the version
+    directory was moved or copied to (the path faiss stored inside the file is ignored)."""
+    return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+
+
+def load_version(manifest: dict) -> list[faiss.Index]:
+    """The faiss index (or shards) of a loaded version manifest, at its tuned nprobe/efSearch."""
+    import os
+
+    from attnpipe.index.layout import IndexLayoutError
+
+    indexes = []
+    for name in manifest["faiss"]["files"]:
+        path = os.path.join(manifest["path"], name)
+        try:
+            indexes.append(read_index(path))
+        except RuntimeError as exc:  # checksums passed, so the file was written broken
+            raise IndexLayoutError(f"index file {path} cannot be read: {exc}") from None
+    f = manifest["faiss"]
+    param = next((p for p in ("nprobe", "efSearch") if p in f), None)
+    set_search_param(indexes, param, f.get(param))
+    return indexes
+
+
 def set_search_param(indexes: list[faiss.Index], name: str | None, value: float | None) -> None:
     if name is None:
         return
