@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 
 from attnpipe import __version__, log, store
@@ -25,6 +26,7 @@ from attnpipe.lock import LockHeld
 from attnpipe.train.command import add_train_arguments, run_train_command
 
 DEMO_DIR = "attnpipe-demo"
+MAX_K = 100_000  # search -k: more results than anyone reads; a typo like -k 10000000 fails fast
 DEMO_SETTINGS = ("model.backbone=resnet18", "model.pooling=attn", "data.image_size=160")
 logger = log.get_logger("attnpipe.cli")
 
@@ -285,6 +287,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from attnpipe.index.search import SearchIndex
 
+    _check_version(args.version)
+    if not 1 <= args.k <= MAX_K:
+        raise ConfigError(f"-k must be between 1 and {MAX_K} (results to return), got {args.k}")
     index = SearchIndex.load(args.index, args.version)
     if args.id:
         hits = index.search_id(args.id, args.k)
@@ -298,6 +303,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         for rank, (i, s) in enumerate(hits, 1):
             print(f"{rank:3d}  {s:.4f}  {i}")
     return 0
+
+
+def _check_version(version: str | None) -> None:
+    """A version names a directory under the index root: ``v<N>``, never a path (``../x`` would escape the root)."""
+    if version is not None and not re.fullmatch(r"v[0-9]+", version):
+        raise ConfigError(
+            f"--version expects an index version such as v3 (a v<N> directory of the index root), got {version!r}"
+        )
 
 
 def _ks(text: str) -> tuple[int, ...]:
@@ -314,6 +327,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from attnpipe.evaluate.runner import evaluate, headline
 
     ks = _ks(args.k)
+    _check_version(args.version)
     metrics = evaluate(
         args.embeddings,
         args.index,

@@ -93,9 +93,16 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     raw: dict[str, Any] = {}
     if path:
         if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+            raise ConfigError(
+                f"config file {path!r} " + ("is not a file" if os.path.exists(path) else "does not exist")
+            )
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:  # the message carries the line and column
+            raise ConfigError(f"config file {path!r} is not valid YAML: {' '.join(str(exc).split())}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path!r} cannot be read: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(loaded).__name__}")
         raw = loaded
@@ -107,7 +114,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"section {section!r} must be a mapping")
-        raw[section][name] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            raw[section][name] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML (quote it, e.g. {key}='...')") from None
     cfg = from_dict(raw)
     validate(cfg)
     return cfg
@@ -183,16 +193,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.decode={d.decode!r}; allowed: {', '.join(DECODE_MODES)}")
     if not isinstance(e.compile, bool):
         raise ConfigError(f"encode.compile must be true or false, got {e.compile!r}")
-    _positive("data.image_size", d.image_size, minimum=32)
+    _positive("data.image_size", d.image_size, minimum=32, maximum=4096)
     _positive("data.max_pixels", d.max_pixels)
     _positive("data.max_bytes", d.max_bytes)
     _positive("data.read_chunk", d.read_chunk)
-    _positive("encode.batch_size", e.batch_size)
-    _positive("encode.decode_batch_size", e.decode_batch_size)
+    _positive("encode.batch_size", e.batch_size, maximum=65536)
+    _positive("encode.decode_batch_size", e.decode_batch_size, maximum=65536)
     _positive("encode.rows_per_file", e.rows_per_file)
     _positive("encode.num_encoders", e.num_encoders, minimum=0)
     _positive("encode.threads", e.threads, minimum=0)
     _validate_train(cfg.train)
+    _check_weights(cfg)
     _check_trained_weights(cfg)
 
 
@@ -221,7 +232,7 @@ def _validate_train(t: TrainConfig) -> None:
 
 def _check_trained_weights(cfg: Config) -> None:
     """A trained-encoder artifact fixes backbone, pooling and image size; say which ``--set`` matches it."""
-    from attnpipe.models.artifact import ArtifactError, check_matches, read_sidecar
+    from attnpipe.models.artifact import ArtifactError, check_matches, file_sha256, read_sidecar, sidecar_path
 
     try:
         meta = read_sidecar(cfg.model.weights)
@@ -229,8 +240,25 @@ def _check_trained_weights(cfg: Config) -> None:
             check_matches(meta, cfg.model.backbone, cfg.model.pooling, cfg.data.image_size, cfg.model.weights)
     except ArtifactError as exc:
         raise ConfigError(str(exc)) from None
+    if meta is not None and file_sha256(cfg.model.weights) != meta["sha256"]:  # tampered or damaged since training
+        raise ConfigError(
+            f"model.weights={cfg.model.weights} does not match the sha256 in {sidecar_path(cfg.model.weights)}: "
+            "the file changed since `attnpipe train` wrote it; restore it or train again"
+        )
 
 
-def _positive(name: str, value: int, minimum: int = 1) -> None:
+def _check_weights(cfg: Config) -> None:
+    """Weights an actor could not load fail here, before Ray starts (missing cache, unreadable, pickled, damaged)."""
+    from attnpipe.models.backbones import check_weights
+
+    try:
+        check_weights(cfg.model.backbone, cfg.model.weights)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _positive(name: str, value: int, minimum: int = 1, maximum: int | None = None) -> None:
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")

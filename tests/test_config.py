@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 from attnpipe.config import Config, ConfigError, load_config
 
@@ -48,6 +51,108 @@ def test_bad_files(tmp_path):
 
 
 def test_weights_file_accepted(tmp_path):
+    from safetensors.torch import save_file
+
     f = tmp_path / "w.safetensors"
-    f.write_bytes(b"x")
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(f))
     assert load_config(None, [f"model.weights={f}"]).model.weights == str(f)
+    t = tmp_path / "w.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, t)  # a plain state dict loads with weights_only=True
+    assert load_config(None, [f"model.weights={t}"]).model.weights == str(t)
+
+
+# --- fail fast on every bad setting, before Ray starts ---------------------------------------------------------
+
+
+def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("model:\n  backbone: [resnet18\n  pooling: attn\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml' is not valid YAML.*line \d+"):
+        load_config(str(f))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(None, ["model.backbone=[resnet18"])
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config(str(tmp_path))
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="bin.yaml"):
+        load_config(str(tmp_path / "bin.yaml"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.image_size=4097"], "data.image_size must be <= 4096"),
+        (["encode.batch_size=65537"], "encode.batch_size must be <= 65536"),
+        (["encode.decode_batch_size=1000000"], "encode.decode_batch_size must be <= 65536"),
+    ],
+)
+def test_absurd_values_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    assert load_config(None, ["data.image_size=4096", "encode.batch_size=65536"]).data.image_size == 4096
+
+
+def test_weights_that_cannot_load_fail_at_config_time(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    pickled = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(2, 2), pickled)  # a whole pickled module, not a state dict
+    with pytest.raises(ConfigError, match="pickled objects beyond tensors, refused"):
+        load_config(None, [f"model.weights={pickled}"])
+    good = tmp_path / "w.safetensors"
+    save_file({"fc.weight": torch.zeros(64, 64)}, str(good))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(ConfigError, match="cut.safetensors' cannot be loaded"):
+        load_config(None, [f"model.weights={cut}"])
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 not really a torch zip")
+    with pytest.raises(ConfigError, match="cut.pt' cannot be loaded"):
+        load_config(None, [f"model.weights={tmp_path / 'cut.pt'}"])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(ConfigError, match="needs torchvision's resnet18 weights at .*empty-cache.*no download"):
+        load_config(None, ["model.weights=default"])
+
+
+def test_tampered_trained_artifact_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from attnpipe.models.artifact import FORMAT, FORMAT_VERSION, file_sha256
+
+    weights = tmp_path / "head.safetensors"
+    save_file({"w": torch.ones(4)}, str(weights))
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "backbone": "resnet18", "pooling": "attn"}
+    meta |= {"image_size": 224, "normalization": {}, "sha256": file_sha256(str(weights))}
+    (tmp_path / "head.json").write_text(json.dumps(meta))
+    assert load_config(None, [f"model.weights={weights}"]).model.weights == str(weights)
+    save_file({"w": torch.zeros(4)}, str(weights))  # same shape, other values: only the checksum can tell
+    with pytest.raises(ConfigError, match="does not match the sha256 in .*head.json"):
+        load_config(None, [f"model.weights={weights}"])
+
+
+def _cli(argv: list[str], capfd) -> tuple[int, str]:
+    from attnpipe.cli import main
+
+    code = main(argv)
+    return code, capfd.readouterr().err
+
+
+def test_cli_exits_2_with_a_message_and_no_traceback(tmp_path, capfd):
+    from attnpipe.data.sample import make_sample
+
+    make_sample(str(tmp_path / "data"), fmt="tar", n=2, num_shards=1, image_size=32)
+    (tmp_path / "bad.yaml").write_text("model: {backbone: resnet18\n")
+    encode = ["encode", "--input", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    cases = [
+        ([*encode, "--config", str(tmp_path / "bad.yaml")], "is not valid YAML"),
+        ([*encode, "--set", "data.image_size=100000"], "data.image_size must be <= 4096"),
+        ([*encode, "--set", "model.weights=/no/such.safetensors"], "model.weights='/no/such.safetensors'"),
+        (["search", "--index", str(tmp_path / "idx"), "--id", "a", "-k", "0"], "-k must be between 1 and"),
+        (["search", "--index", str(tmp_path / "idx"), "--id", "a", "--version", "../x"], "--version expects"),
+        (["eval", "--embeddings", "e", "--index", "i", "--out", "o", "--version", "/etc"], "--version expects"),
+        (["eval", "--embeddings", "e", "--index", "i", "--out", "o", "--k", "0,5"], "--k expects"),
+    ]
+    for argv, message in cases:
+        code, err = _cli(argv, capfd)
+        assert code == 2, (argv, err)
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "out").exists()  # nothing was started or written

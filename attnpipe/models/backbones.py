@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from typing import cast
 
@@ -122,6 +123,10 @@ def build_backbone(name: str, weights: str = "none", seed: int = 0) -> tuple[nn.
 
 
 def _cached_default_state(name: str) -> dict[str, torch.Tensor]:
+    return torch.load(_default_weights_path(name), map_location="cpu", weights_only=True)
+
+
+def _default_weights_path(name: str) -> str:
     enum = torchvision.models.get_model_weights(name).DEFAULT
     file = os.path.basename(enum.url)
     hub = os.path.join(torch.hub.get_dir(), "checkpoints", file)
@@ -130,7 +135,53 @@ def _cached_default_state(name: str) -> dict[str, torch.Tensor]:
             f"model.weights=default needs torchvision's {name} weights at {hub} (no download is attempted); "
             f"copy {file} there, set TORCH_HOME, or pass a weights file path"
         )
-    return torch.load(hub, map_location="cpu", weights_only=True)
+    return hub
+
+
+def check_weights(name: str, weights: str) -> None:
+    """Fail fast (before any actor loads them) on weights that cannot load: a missing ``default`` cache, or a file
+    that is unreadable, not safetensors/torch, pickled beyond plain tensors, or damaged. Reads headers only where
+    the format allows (safetensors header; torch zip files memory-mapped).
+
+    Raises:
+        ValueError: what is wrong and what to do instead.
+    """
+    if weights == "none":
+        return
+    if weights == "default":
+        _default_weights_path(name)
+        return
+    if not os.path.isfile(weights):
+        raise ValueError(f"model.weights={weights!r} is not a file")
+    if not os.access(weights, os.R_OK):
+        raise ValueError(f"model.weights={weights!r} is not readable (check its permissions)")
+    try:
+        if weights.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(weights, framework="pt") as f:
+                f.keys()
+        else:
+            _torch_load_checked(weights)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"model.weights={weights!r} holds pickled objects beyond tensors, refused (weights_only=True loading): "
+            f"{str(exc).splitlines()[0][:200]}; save a state_dict (model.state_dict()) or use .safetensors"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any loader failure means a damaged or foreign file
+        raise ValueError(
+            f"model.weights={weights!r} cannot be loaded (damaged, truncated or not a weights file): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        ) from None
+
+
+def _torch_load_checked(path: str) -> None:
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format cannot be mapped
 
 
 def _load_file(model: nn.Module, path: str) -> None:
