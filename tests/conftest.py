@@ -17,7 +17,27 @@ def fast_config(*overrides: str):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on 127.0.0.1 for the whole session; the AWS environment points at it.
+
+    Started before Ray (``ray_session`` depends on it) so Ray workers inherit the same AWS settings.
+    """
+    from tests import _s3_server
+
+    server = _s3_server.start(str(tmp_path_factory.mktemp("s3")))
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
     """A real local Ray instance shared by every test that needs one (started once, stopped at the end)."""
     import ray
 

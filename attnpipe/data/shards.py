@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field, replace
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from attnpipe import fs as _fs
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 SHARD_EXTS = {".tar": "tar", ".tar.gz": "tar", ".tgz": "tar", ".parquet": "parquet"}  # longest suffix first below
 SHARD_ERROR_KEY = "__shard__"  # key of the row that reports a shard (or one read unit of it) that cannot be read
@@ -59,10 +61,16 @@ class Shard:
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and path for a local path or a URI (s3://, gs://, file://, ...)."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
+    """The pyarrow filesystem and path for a local path or a URI (resolved by :func:`attnpipe.fs.resolve`)."""
+    return _fs.resolve(uri)
+
+
+def _as_uri(given: str, root: str, shard_path: str) -> str:
+    """A shard's path inside the filesystem of input ``given`` (resolved to ``root``) as a URI readers can resolve."""
+    if _fs.is_local(given):
+        return shard_path
+    rel = shard_path[len(root) :].strip("/")
+    return _fs.join(given, rel) if rel else given
 
 
 def check_inputs(uris: list[str]) -> None:
@@ -95,7 +103,7 @@ def discover(uris: list[str], known: dict[str, dict] | None = None) -> list[Shar
     for uri in uris:
         fs, path = filesystem(uri)
         info = fs.get_file_info(path)
-        found = _shards_in(fs, path, info, uri)
+        found = [replace(s, uri=_as_uri(uri, path, s.uri)) for s in _shards_in(fs, path, info, uri)]
         if not found:
             raise InputError(
                 f"input {uri!r} holds no shards: expected {', '.join(SHARD_EXTS)} files, or image files "
@@ -126,12 +134,12 @@ def content_hash(shard: Shard) -> str:
     Never raises and never blocks: a member that is not a regular file (a fifo, a directory, a dangling symlink) or
     that fails while read contributes its path and the kind of failure instead of its bytes.
     """
-    fs, _ = filesystem(shard.uri)
+    fs, root = filesystem(shard.uri)
     h = hashlib.blake2b(digest_size=16)
-    paths = [shard.uri] if shard.format != "folder" else [posixpath.join(shard.uri, f) for f in shard.files]
+    paths = [root] if shard.format != "folder" else [posixpath.join(root, f) for f in shard.files]
     for path in paths:
         if shard.format == "folder":
-            h.update(f"{path[len(shard.uri) :]}\0".encode())
+            h.update(f"{path[len(root) :]}\0".encode())
         try:
             kind = fs.get_file_info(path).type
             if kind != pafs.FileType.File:  # opening a fifo would block until a writer comes

@@ -159,7 +159,7 @@ class Run:
         for name in gone:
             fs.delete_file(fs.join(self.out, name))
         fs.delete_dir(self.dir)
-        if fs.is_local(self.out) and not fs.listdir(fs.join(self.out, STAGING)):
+        if not fs.listdir(fs.join(self.out, STAGING)):
             fs.delete_dir(fs.join(self.out, STAGING))
         return gone
 
