@@ -12,7 +12,6 @@ Command modules are imported inside the command functions, so ``attnpipe --help`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -81,9 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="encode image shards into an embeddings dataset (Parquet)")
     p.add_argument("--input", nargs="+", required=True, help="shard files or directories (local or URI)")
     p.add_argument("--out", required=True, help="output dataset directory (published atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (or another run's leftovers)")
+    p.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="start over instead of resuming an unfinished run of the same command in --out",
+    )
     p.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
     _config_args(p)
+
+    p = sub.add_parser("verify", help="full integrity check of an embeddings dataset or index root; lists leftovers")
+    p.add_argument("path", help="an embeddings dataset or an index root (local or URI)")
+    p.add_argument("--clean", action="store_true", help="remove the leftovers of killed runs it lists")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
     p = sub.add_parser("index", help="build a FAISS (+ LSH) index version of an embeddings dataset")
     p.add_argument("--embeddings", required=True, help="embeddings dataset written by `attnpipe encode`")
@@ -211,13 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         KeyError,
         LockHeld,
         ValueError,
+        store.DamagedData,
     ) as exc:
         logger.error("attnpipe %s: error: %s", args.command, exc)
         return 2
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from attnpipe.data.sample import make_sample
+    from attnpipe.data.sample import make_sample_anywhere as make_sample
 
     paths = make_sample(
         args.out,
@@ -238,26 +249,31 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from attnpipe.encode import encode
 
     cfg = load_config(args.config, args.overrides)
-    with contextlib.ExitStack() as stack:
-        if os.path.isdir(args.out):  # replacing a dataset: not while a reindex updates it in place
-            from attnpipe.lock import exclusive
-            from attnpipe.reindex import LOCK
+    from attnpipe import fs
+    from attnpipe.data.shards import check_inputs
+    from attnpipe.lock import exclusive
+    from attnpipe.reindex import LOCK
 
-            stack.enter_context(exclusive(os.path.join(args.out, LOCK), f"attnpipe encode --out {args.out}"))
-        summary = encode(args.input, args.out, cfg, overwrite=args.overwrite, ray_address=args.ray_address)
+    check_inputs(args.input)  # before --out is created
+    fs.makedirs(args.out)
+    with exclusive(fs.join(args.out, LOCK), f"attnpipe encode --out {fs.display(args.out)}"):  # one writer
+        summary = encode(
+            args.input, args.out, cfg, overwrite=args.overwrite, resume=args.resume, ray_address=args.ray_address
+        )
     _emit(args, summary)  # encode logs its own summary line
     return 0
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from attnpipe import fs
     from attnpipe.index.build import build_index
     from attnpipe.lock import exclusive
     from attnpipe.reindex import LOCK
     from attnpipe.runtime import init_ray
 
     store.read_manifest(args.embeddings)  # fail fast, before Ray starts
-    os.makedirs(args.out, exist_ok=True)
-    with exclusive(os.path.join(args.out, LOCK), f"attnpipe index --out {args.out}"):  # not beside a reindex
+    fs.makedirs(args.out)
+    with exclusive(fs.join(args.out, LOCK), f"attnpipe index --out {fs.display(args.out)}"):  # not beside a reindex
         init_ray(args.ray_address)
         manifest = build_index(
             args.embeddings,
@@ -355,11 +371,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_reindex(args: argparse.Namespace) -> int:
     """Ends with one JSON line on stdout: added/changed/removed/unchanged shard names, version, vectors, seconds."""
+    from attnpipe import fs
     from attnpipe.reindex import reindex
 
     config = args.config
-    saved = os.path.join(args.embeddings, store.CONFIG_FILE)
-    if config is None and os.path.isfile(saved):
+    saved = fs.join(args.embeddings, store.CONFIG_FILE)
+    if config is None and fs.is_file(saved):
         config = saved  # the settings that made the stored embeddings; --set still overrides them
         logger.info("reindex: using the config saved with the embeddings (%s)", saved)
     cfg = load_config(config, args.overrides)
@@ -465,9 +482,22 @@ def _first_ok_id(embeddings: str) -> str:
     return ids[0] if ids else "<id>"
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from attnpipe.verify import verify
+
+    report = verify(args.path, clean=args.clean)
+    lines = [f"verify {report['path']}: {report['kind']}, {report['checked']} files checked"]
+    lines += [f"  DAMAGED: {p}" for p in report["problems"]]
+    lines += [f"  leftover{' (removed)' if args.clean else ''}: {x}" for x in report["leftovers"]]
+    lines.append("  OK" if not report["problems"] else f"  {len(report['problems'])} problem(s)")
+    _emit(args, report, "\n".join(lines))
+    return 0 if not report["problems"] else 1
+
+
 COMMANDS = {
     "sample": cmd_sample,
     "encode": cmd_encode,
+    "verify": cmd_verify,
     "index": cmd_index,
     "search": cmd_search,
     "eval": cmd_eval,

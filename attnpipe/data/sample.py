@@ -238,3 +238,17 @@ def make_sample(
     if broken:
         paths.append(make_broken_shard(out, fmt, image_size=image_size, seed=seed)[0])
     return paths
+
+
+def make_sample_anywhere(out: str, **kwargs) -> list[str]:
+    """:func:`make_sample` to a local path or an object-store URI (made locally, then uploaded)."""
+    import tempfile
+
+    from attnpipe import fs
+
+    if fs.is_local(out):
+        return make_sample(fs.resolve(out)[1], **kwargs)
+    with tempfile.TemporaryDirectory(prefix="attnpipe-sample-") as local:
+        paths = make_sample(local, **kwargs)
+        fs.upload_dir(local, out)
+    return [fs.join(out, os.path.relpath(p, local)) for p in paths]
