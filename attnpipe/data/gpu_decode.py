@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attnpipe.config import DECODE_MODES
 from attnpipe.data.decode import DecodeError, decode_image
 
-DECODE_MODES = ("auto", "cpu", "gpu")
 PIXEL_BUDGET = 1 << 27  # decoded pixels per decode_jpeg call (128 Mpx: 384 MiB uint8, 1.5 GiB as float for resizing)
 _FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman: what nvJPEG and libjpeg-turbo both take
 
@@ -135,6 +135,20 @@ def gpu_decode_supported() -> bool:
         return False
     major, minor = (int(v) for v in torchvision.__version__.split("+")[0].split(".")[:2])
     return (major, minor) >= (0, 19)
+
+
+def encoders_decode(mode: str, cluster_gpus: int) -> bool:
+    """Whether the encode pipeline hands raw bytes to the encoder actors (skipping the CPU decode tasks).
+
+    ``gpu`` always does; ``auto`` does when the cluster has GPUs (one per encoder actor) and this torchvision can
+    decode on CUDA. An actor that finds no usable GPU after all decodes on its CPU instead (same rows, slower).
+
+    Raises:
+        ValueError: ``gpu`` on a cluster without GPUs (before any work starts).
+    """
+    if mode == "gpu" and cluster_gpus == 0:
+        raise ValueError("data.decode=gpu needs GPUs in the Ray cluster, which has none; use data.decode=auto or cpu")
+    return mode == "gpu" or (mode == "auto" and cluster_gpus > 0 and gpu_decode_supported())
 
 
 def resolve_decode(mode: str, device: torch.device | str) -> str:

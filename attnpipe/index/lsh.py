@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from attnpipe.index.minhash import (
     near_duplicate_groups_from_hashes,
     weighted_minhash,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 # The MinHash names are re-exported: the index builder takes all LSH functions from this module.
 __all__ = [
@@ -87,19 +91,57 @@ class SimHashLSH:
     def params(self) -> dict:
         return {"dim": self.dim, "num_tables": self.num_tables, "bits": self.bits, "seed": self.seed}
 
-    def codes(self, X: np.ndarray, batch_size: int = 65536) -> np.ndarray:
-        """``(n, dim)`` vectors -> ``(n, num_tables)`` uint64 codes; bit b of table l is ``X @ p_lb > 0``."""
+    def codes(self, X: np.ndarray | torch.Tensor, batch_size: int = 65536) -> np.ndarray:
+        """``(n, dim)`` vectors -> ``(n, num_tables)`` uint64 codes; bit b of table l is ``X @ p_lb > 0``.
+
+        ``X`` may be a torch tensor (e.g. embeddings still on the encoder's GPU): the projections then run on its
+        device, with the codes the numpy path gives (see :meth:`_codes_torch`).
+        """
+        if type(X).__module__.startswith("torch"):
+            return self._codes_torch(X, batch_size)  # type: ignore[arg-type]
         X = np.atleast_2d(np.asarray(X, dtype=np.float32))
         if X.shape[1] != self.dim:
             raise ValueError(f"vectors have dim {X.shape[1]}, this LSH has dim {self.dim}")
         out = np.empty((len(X), self.num_tables), np.uint64)
         for s in range(0, len(X), batch_size):
-            bits = (X[s : s + batch_size] @ self.projections) > self.offsets  # (b, L * k)
-            bits = bits.reshape(-1, self.num_tables, self.bits)  # (b, L * k) -> (b, L, k)
-            packed = np.packbits(bits, axis=-1, bitorder="little")  # (b, L, ceil(k / 8)) bytes, bit b -> byte b // 8
-            padded = np.zeros((*packed.shape[:2], 8), np.uint8)
-            padded[..., : packed.shape[2]] = packed
-            out[s : s + batch_size] = padded.view("<u8")[..., 0]  # 8 little-endian bytes -> one uint64 per table
+            out[s : s + batch_size] = self._pack((X[s : s + batch_size] @ self.projections) > self.offsets)
+        return out
+
+    def _pack(self, bits: np.ndarray) -> np.ndarray:
+        """Sign bits ``(b, L * k)`` -> codes ``(b, L)`` uint64."""
+        bits = bits.reshape(-1, self.num_tables, self.bits)  # (b, L * k) -> (b, L, k)
+        packed = np.packbits(bits, axis=-1, bitorder="little")  # (b, L, ceil(k / 8)) bytes, bit b -> byte b // 8
+        padded = np.zeros((*packed.shape[:2], 8), np.uint8)
+        padded[..., : packed.shape[2]] = packed
+        return padded.view("<u8")[..., 0]  # 8 little-endian bytes -> one uint64 per table
+
+    def _codes_torch(self, X: torch.Tensor, batch_size: int) -> np.ndarray:
+        """The codes of float32 rows ``X`` computed on their device, equal to the numpy path's.
+
+        Projections are taken in float64 there. The numpy path's float32 product differs from the exact one by at
+        most ``gamma_d * sum_i |x_i p_i|`` (``gamma_d = d u / (1 - d u)``, ``u = 2^-24``, any summation order), so
+        a bit whose float64 projection clears its threshold by more than that (plus float64's own, smaller bound)
+        is the bit numpy computes. Rows holding a bit inside the band are recomputed by the numpy path itself.
+        """
+        import torch
+
+        X = torch.atleast_2d(X.detach()).to(torch.float32)
+        if X.shape[1] != self.dim:
+            raise ValueError(f"vectors have dim {X.shape[1]}, this LSH has dim {self.dim}")
+        P = torch.as_tensor(self.projections, device=X.device).double()  # (d, L * k)
+        off = torch.as_tensor(self.offsets, device=X.device).double()
+        u32, u64 = 2.0**-24, 2.0**-53
+        band = (self.dim * u32 / (1 - self.dim * u32) + 2 * (self.dim + 2) * u64) * 1.01  # x 1.01: the band's own
+        out = np.empty((len(X), self.num_tables), np.uint64)
+        for s in range(0, len(X), batch_size):
+            x = X[s : s + batch_size].double()  # float32 values are exact in float64
+            gap = x @ P - off  # (b, L * k)
+            codes = self._pack((gap > 0).cpu().numpy())
+            unsure = (gap.abs_() <= (x.abs() @ P.abs()).mul_(band)).any(1).cpu().numpy()  # a bit inside the band
+            if unsure.any():
+                x32 = X[s : s + batch_size][torch.as_tensor(unsure, device=X.device)].cpu().numpy()
+                codes[unsure] = self.codes(x32)
+            out[s : s + len(x)] = codes
         return out
 
     def add(self, codes: np.ndarray, ids: np.ndarray) -> None:
