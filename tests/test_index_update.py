@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import numpy as np
@@ -27,25 +26,44 @@ def _dataset(path: str, parts: dict[str, np.ndarray]) -> None:
 
 
 def _add_shard(path: str, name: str, X: np.ndarray) -> None:
-    """Add a shard the way reindex does: its part moved in, then the manifest replaced (next part number)."""
+    """Add a shard the way reindex does: its part written in, then the manifest replaced (next part number)."""
     tmp = f"{path}.{name}.tmp"
     store.write_vectors(tmp, [f"{name}/{i:05d}" for i in range(len(X))], X, model=name)
-    entry = store.read_manifest(tmp)["shards"][0]
-    manifest = store.read_manifest(path)
-    shutil.move(os.path.join(tmp, entry["parts"][0]), os.path.join(path, entry["parts"][0]))
+    (part,) = store.open_dataset(tmp).parts()
+    table = store.read_part(tmp, part)
     shutil.rmtree(tmp)
-    manifest["shards"].append(entry)
-    manifest["part_numbers"][entry["parts"][0]] = manifest["next_part_number"]
-    manifest["next_part_number"] += 1
-    store.commit(path, None, manifest)
+    _publish(path, lambda entries, run: [*entries, _entry(path, run, part.shard, table)])
+
+
+def _entry(path: str, run, shard: str, table) -> dict:
+    rec = store.write_part(path, run.token, shard, table)
+    entry = {
+        "name": shard,
+        "uri": "synthetic",
+        "format": "synthetic",
+        "size": 0,
+        "mtime_ns": 0,
+        "fingerprint": f"synthetic:{shard}",
+        "parts": [rec["file"]],
+        "rows": rec["rows"],
+        "ok": rec["ok"],
+    }
+    run.commit_shard(entry, [rec])
+    return entry
+
+
+def _publish(path: str, change) -> None:
+    """An in-place update: kept parts keep their numbers, new ones get the next numbers."""
+    manifest = store.read_manifest(path)
+    run = store.start_run(path, {"test": "update"}, resume=False, replace=True)
+    entries = change(list(manifest["shards"]), run)
+    listed = {p for e in entries for p in e["parts"]}
+    keep = {f: n for f, n in store.part_numbers(manifest).items() if f in listed}
+    run.publish(entries, {"model": manifest.get("model")}, keep=keep)
 
 
 def _remove_shard(path: str, name: str) -> None:
-    manifest = store.read_manifest(path)
-    (entry,) = [s for s in manifest["shards"] if s["name"].startswith(name)]
-    manifest["shards"].remove(entry)
-    del manifest["part_numbers"][entry["parts"][0]]
-    store.commit(path, None, manifest)
+    _publish(path, lambda entries, run: [e for e in entries if not e["name"].startswith(name)])
 
 
 def test_flat_incremental_update_equals_a_rebuild(ray_session, tmp_path):

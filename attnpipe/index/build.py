@@ -1,229 +1,292 @@
-"""Distributed index build: embeddings dataset -> ``ROOT/v<N>`` (FAISS + LSH), published atomically.
+"""Index build: embeddings dataset -> ``ROOT/v<N>`` (FAISS + LSH), published atomically, memory-bounded.
 
-Steps: sample once across all parts -> train the FAISS index on the driver (GPU k-means when present) -> Ray tasks,
-one per worker, each add their parts with ``add_with_ids`` and also compute the exact top-k of a held-out query
-sample against their parts and their LSH codes -> merge (IVF inverted lists / flat concatenation / graph shards)
--> tune nprobe or efSearch to the target recall@10 vs exact -> write to staging, checksum, rename, move CURRENT.
+Steps: plan the index from the count, dim and memory budget (:func:`attnpipe.index.config.plan`) -> one pass over
+the parts that hold a uniform sample (training vectors + tuning queries) -> train on the driver (GPU k-means when
+present) -> add: in this process part by part for small data or one worker (Ray start-up would dominate), else
+Ray tasks that each hold one part at a time; every adder also computes the exact top-k of the tuning queries and
+the LSH codes of its parts -> merge (IVF inverted lists in memory, or on disk into one ``faiss.ivfdata``; flat by
+concatenation; graph indexes stay shards) -> tune nprobe/efSearch to the target recall@10 vs exact -> write to a
+local staging directory, checksum, publish, move CURRENT. The driver never holds the vectors beyond the sample.
 
-FAISS ids are ``(part number << 32) | row within the part's ok rows``: unique and known to each task without
-coordination, and stable while a part exists (part numbers live in the embeddings manifest, so an incremental
-update can remove or add whole parts by id); ``ids.parquet`` maps them to string ids.
+FAISS ids are ``(part number << 32) | row within the part's ok rows``: unique and known to each adder without
+coordination, and stable while a part exists; ``ids.parquet`` maps them to string ids (written part by part).
 
 Example::
 
-    manifest = build_index("out/emb", "out/index", factory="IVF64,Flat", lsh="simhash", workers=2)
-    manifest["faiss"]["nprobe"], manifest["faiss"]["recall@10"]
+    manifest = build_index("out/emb", "out/index", IndexConfig(factory="IVF64,Flat", lsh="simhash", workers=2))
+    manifest["faiss"]["nprobe"], manifest["faiss"]["recall@10"], manifest["memory"]
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import sys
 import time
+from dataclasses import replace
 
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
-from attnpipe import store
+from attnpipe import fs, store
 from attnpipe.index import faiss_index as fx
-from attnpipe.index import layout
+from attnpipe.index import layout, ondisk
+from attnpipe.index.config import LSH_CHOICES, IndexConfig, plan
 
-LSH_CHOICES = ("simhash", "minhash", "both", "none")
+__all__ = ["LSH_CHOICES", "IndexConfig", "build_index"]
+
 TUNE_K = 10
-
-
-def part_paths(embeddings: str) -> list[tuple[int, str]]:
-    """(part number, path) of every part, by number; the number is the high half of the part's FAISS ids."""
-    numbers = store.part_numbers(store.read_manifest(embeddings))
-    return sorted((n, os.path.join(embeddings, f)) for f, n in numbers.items())
-
-
-def read_part(path: str) -> tuple[list[str], np.ndarray]:
-    """String ids and float32 embeddings ``(n, D)`` of a part's ok rows."""
-    table = pq.read_table(path, columns=["id", "status", "embedding"])
-    table = table.filter(pc.equal(table.column("status"), "ok"))
-    emb = table.column("embedding").combine_chunks()
-    X = emb.flatten().to_numpy().reshape(len(table), emb.type.list_size) if len(table) else np.zeros((0, 0))
-    return table.column("id").to_pylist(), X.astype(np.float32, copy=False)
+LOCAL_MAX_FLOATS = 256 << 20  # below 1 GB of vectors (or workers=1) the build runs in this process: no Ray
 
 
 def faiss_ids(part_number: int, n: int) -> np.ndarray:
     return (np.int64(part_number) << 32) | np.arange(n, dtype=np.int64)
 
 
+def ok_counts(ds: store.Dataset) -> list[int]:
+    """Ok rows of every part: from the manifest, read from the part for manifests without per-part counts."""
+    return [p.ok if p.ok >= 0 else store.read_part(ds.path, p, ["status"], ok_only=True).num_rows for p in ds.parts()]
+
+
 def sample_rows(
-    parts: list[tuple[int, str]], counts: list[int], size: int, rng: np.random.Generator
+    path: str, parts: list[store.Part], counts: list[int], size: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``size`` rows drawn uniformly without replacement across all parts (one part read at a time): vectors and
-    their faiss ids."""
+    """``size`` rows drawn uniformly without replacement across all parts, reading only the parts that hold them
+    (one at a time): vectors and their faiss ids."""
     total = sum(counts)
     chosen = np.sort(rng.choice(total, size=min(size, total), replace=False))
     offsets = np.cumsum([0, *counts])
     rows, fids = [], []
-    for i, (number, path) in enumerate(parts):
+    for i, part in enumerate(parts):
         local = chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i]
         if len(local):
-            rows.append(read_part(path)[1][local])
-            fids.append(faiss_ids(number, counts[i])[local])
+            rows.append(store.part_vectors(path, part)[1][local])
+            fids.append(faiss_ids(part.number, counts[i])[local])
     if not rows:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     return np.concatenate(rows), np.concatenate(fids)
 
 
-@ray.remote
-def add_parts(trained: np.ndarray, parts: list[tuple[int, str]], queries: np.ndarray, lsh: dict) -> dict:
-    """One worker: add its parts to a copy of the trained index; exact top-k of the queries over its parts; LSH.
+def add_parts(
+    trained: bytes,
+    path: str,
+    parts: list[store.Part],
+    queries: np.ndarray,
+    lsh: dict,
+    shard_file: str | None = None,
+    serialize: bool = True,
+) -> dict:
+    """One adder: its parts into a copy of the trained index (one part in memory at a time); exact top-k of the
+    queries over its parts; LSH codes. Plain arguments: it runs in this process or as a Ray task.
 
-    ``lsh`` may hold ``simhash`` (an empty ``SimHashLSH``: its projections hash the parts) and ``minhash`` settings.
+    Returns the filled index (serialized for a Ray task, or written to ``shard_file`` for the on-disk merge), the
+    ids in add order, the exact top-k and the hashes.
     """
     if lsh.get("minhash"):
         from attnpipe.index import lsh as lsh_mod
 
-    index = fx.to_gpu(faiss.deserialize_index(trained))
-    all_ids, all_fids, exact, codes, hashes = [], [], [], [], []
-    for part_number, path in parts:
-        ids, X = read_part(path)
+    index = fx.to_gpu(faiss.deserialize_index(np.frombuffer(trained, np.uint8)))
+    all_ids, all_fids, codes, hashes = [], [], [], []
+    k = TUNE_K + 1  # +1: queries are indexed (leave-one-out)
+    D, I = fx.exact_topk(np.zeros((0, queries.shape[1]), np.float32), np.zeros(0, np.int64), queries, k)
+    for part in parts:
+        ids, X = store.part_vectors(path, part)
         if not ids:
             continue
-        fids = faiss_ids(part_number, len(ids))
+        fids = faiss_ids(part.number, len(ids))
         fx.add(index, X, fids)
-        exact.append(fx.exact_topk(X, fids, queries, TUNE_K + 1))  # +1: queries are indexed (leave-one-out)
+        Dp, Ip = fx.exact_topk(X, fids, queries, k)
+        D, I = fx.merge_topk([D, Dp], [I, Ip], k)
         if "simhash" in lsh:
             codes.append(lsh["simhash"].codes(X))
         if lsh.get("minhash"):
             hashes.append(lsh_mod.weighted_minhash(np.maximum(X, 0), **lsh["minhash"]))
         all_ids.extend(ids)
         all_fids.append(fids)
-    k = TUNE_K + 1
-    D, I = (
-        fx.merge_topk([e[0] for e in exact], [e[1] for e in exact], k)
-        if exact
-        else fx.exact_topk(np.zeros((0, queries.shape[1]), np.float32), np.zeros(0, np.int64), queries, k)
-    )
-    return {
-        "index": faiss.serialize_index(fx.to_cpu(index)),
+        del X
+    index = fx.to_cpu(index)
+    out = {
         "ids": all_ids,
         "fids": np.concatenate(all_fids) if all_fids else np.zeros(0, np.int64),
         "exact": (D, I),
         "codes": np.concatenate(codes) if codes else None,
         "hashes": np.concatenate(hashes) if hashes else None,
     }
+    if shard_file is not None:
+        faiss.write_index(index, shard_file)
+        out["index"] = None
+    else:
+        out["index"] = faiss.serialize_index(index) if serialize else index
+    return out
 
 
-def split_parts(parts: list[tuple[int, str]], counts: list[int], workers: int) -> list[list[tuple[int, str]]]:
-    """Greedy balance of parts over workers by row count (largest first)."""
-    groups: list[list[tuple[int, str]]] = [[] for _ in range(workers)]
+def split_parts(parts: list[store.Part], counts: list[int], workers: int) -> list[list[store.Part]]:
+    """Greedy balance of parts over workers by row count (largest first); each group in part-number order."""
+    groups: list[list[store.Part]] = [[] for _ in range(workers)]
     load = [0] * workers
     for i in sorted(range(len(parts)), key=lambda i: -counts[i]):
         w = int(np.argmin(load))
         groups[w].append(parts[i])
         load[w] += counts[i]
-    return [sorted(g) for g in groups if g]
+    return [sorted(g, key=lambda p: p.number) for g in groups if g]
+
+
+def use_ray(config: IndexConfig, n: int, dim: int, parts: int) -> bool:
+    """Ray tasks only when they can pay for their start-up: several workers asked for, or big data on a cluster."""
+    if config.workers == 1 or parts <= 1:
+        return False
+    if config.workers >= 2:
+        return True
+    import ray
+
+    return ray.is_initialized() and n * dim > LOCAL_MAX_FLOATS
+
+
+def run_adders(
+    trained: faiss.Index,
+    path: str,
+    groups: list[list[store.Part]],
+    Q: np.ndarray,
+    lsh_cfg: dict,
+    remote: bool,
+    shard_dir: str | None = None,
+):
+    """Yield each adder's result in group order: Ray tasks (``remote``) or in this process, one after another."""
+    blob = faiss.serialize_index(trained).tobytes()
+    files = [os.path.join(shard_dir, f".shard-{i}.index") if shard_dir else None for i in range(len(groups))]
+    if not remote:
+        for g, f in zip(groups, files):
+            yield add_parts(blob, path, g, Q, lsh_cfg, f, serialize=False)
+        return
+    import ray
+
+    task = ray.remote(add_parts)
+    ref = ray.put(blob)
+    # on-disk shards are written by the driver from the serialized index (tasks may run on other nodes)
+    pending = [task.remote(ref, path, g, Q, lsh_cfg) for g in groups]
+    for f, p in zip(files, pending):
+        r = ray.get(p)
+        index = faiss.deserialize_index(r["index"])
+        r["index"] = None if f is not None else index
+        if f is not None:
+            faiss.write_index(index, f)
+        del index
+        yield r
 
 
 def build_index(
     embeddings: str,
     root: str,
-    factory: str | None = None,
-    lsh: str = "simhash",
-    workers: int = 0,
-    target_recall: float = 0.95,
-    queries: int = 1000,
-    seed: int = 0,
-    simhash_tables: int = 16,
-    simhash_bits: int = 12,
-    minhash_perm: int = 128,
-    dedup_threshold: float = 0.9,
+    config: IndexConfig | None = None,
     _crash_before_publish: bool = False,
+    **overrides,
 ) -> dict:
     """Build and publish a new index version of ``embeddings`` under ``root``; returns its manifest.
+
+    ``overrides`` are :class:`IndexConfig` fields (``factory=``, ``lsh=``, ``workers=`` ...) applied on ``config``.
 
     Raises:
         FileNotFoundError: ``embeddings`` is not a published dataset.
         ValueError: a bad factory/LSH choice, or no ok rows to index.
     """
-    if lsh not in LSH_CHOICES:
-        raise ValueError(f"--lsh {lsh!r}; allowed: {', '.join(LSH_CHOICES)}")
-    if not 0 < target_recall <= 1:
-        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
+    config = replace(config or IndexConfig(), **overrides)
     start = time.perf_counter()
-    src_manifest = store.read_manifest(embeddings)
+    ds = store.open_dataset(embeddings)
     for gone in layout.clean_leftovers(root):
         _log(f"index: removed {gone} left by a build that did not finish")
-    parts = part_paths(embeddings)
-    counts = [pq.read_metadata(p).num_rows for _, p in parts]  # upper bound (error rows included)
-    ok_counts = [ok_rows(p) for _, p in parts]
-    n = sum(ok_counts)
+    parts = ds.parts()
+    counts = ok_counts(ds)
+    n = sum(counts)
     if n == 0:
-        raise ValueError(f"{embeddings} has no ok rows to index")
-    dim = int(store.dataset_metadata(embeddings)["attnpipe.embedding_dim"])
-    factory_auto = factory is None
-    factory = factory or fx.default_factory(n, dim)
+        raise ValueError(f"{fs.display(embeddings)} has no ok rows to index")
+    dim = int(ds.metadata()["attnpipe.embedding_dim"])
+    chosen = plan(n, dim, config)
+    factory = chosen["factory"]
     index, kind = fx.make_index(factory, dim)
-    rng = np.random.default_rng(seed)
+    ondisk_lists = chosen["ondisk"] and kind == "ivf"
+    rng = np.random.default_rng(config.seed)
     train_size = min(n, max(256 * (fx.min_train_size(index) // 39), 10_000), 1_000_000) if not index.is_trained else 0
     if train_size and train_size < fx.min_train_size(index):
         raise ValueError(f"{factory} needs at least {fx.min_train_size(index)} vectors to train; {n} available")
-    _log(f"index: {n} vectors, dim {dim}, factory {factory} ({kind}), training on {train_size}")
-    # One pass over the parts: the training sample, and the tuning queries drawn from it (or alone for Flat/HNSW).
-    S, sids = sample_rows(parts, ok_counts, max(train_size, min(queries, n)), rng)
+    where = "on disk" if ondisk_lists else "in memory"
+    _log(f"index: {n} vectors, dim {dim}, factory {factory} ({kind}, lists {where}), training on {train_size}")
+    # One pass over the parts holding the sample: training vectors, and the tuning queries drawn from them.
+    S, sids = sample_rows(ds.path, parts, counts, max(train_size, min(config.queries, n)), rng)
     if train_size:
-        fx.train(index, S[rng.permutation(len(S))[:train_size]], seed)
-    pick = np.sort(rng.choice(len(S), size=min(queries, n), replace=False))
+        fx.train(index, S[rng.permutation(len(S))[:train_size]], config.seed)
+    pick = np.sort(rng.choice(len(S), size=min(config.queries, n), replace=False))
     Q, qids = S[pick], sids[pick]
+    del S
     # SimHash centred on the query sample's mean: see SimHashLSH (centering against the ReLU cone)
-    lsh_cfg = lsh_config(lsh, dim, seed, simhash_tables, simhash_bits, minhash_perm, center=Q.mean(axis=0))
-    workers = workers or max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
-    trained = ray.put(faiss.serialize_index(index))
-    groups = split_parts(parts, counts, workers)
-    _log(f"index: adding {len(parts)} parts with {len(groups)} Ray tasks")
-    results = ray.get([add_parts.remote(trained, g, Q, lsh_cfg) for g in groups])
-    indexes = fx.merge([faiss.deserialize_index(r["index"]) for r in results], kind)
-    _, exact = fx.merge_topk([r["exact"][0] for r in results], [r["exact"][1] for r in results], TUNE_K + 1)
-    tuning = fx.tune(indexes, Q, exact, TUNE_K, target_recall, self_ids=qids)
-    if tuning["param"] and not tuning.get("reached"):
-        _log(
-            f"index: warning: recall@{TUNE_K} {tuning[f'recall@{TUNE_K}']:.3f} at the largest {tuning['param']} "
-            f"stays under the target {target_recall}"
-        )
-    ids = [i for r in results for i in r["ids"]]
-    fids = np.concatenate([r["fids"] for r in results])
+    lsh_cfg = lsh_config(config, dim, center=Q.mean(axis=0))
+    remote = use_ray(config, n, dim, len(parts))
+    workers = config.workers or (_cpus() if remote else 1)
+    groups = split_parts(parts, counts, workers if remote else 1)
+    if ondisk_lists and not remote:  # in-process on-disk build: one shard file per chunk of ~budget/4 bytes
+        groups = _chunks(parts, counts, config.memory_budget, dim)
+    how = f"with {len(groups)} Ray tasks" if remote else "in this process"
+    _log(f"index: adding {len(parts)} parts {how}")
 
     version = layout.next_version(root)
     stage = layout.staging(root, version)
     try:
-        files = write_faiss(stage, indexes)
-        write_ids(stage, fids, ids)
-        codes = [r["codes"] for r in results if r["codes"] is not None]
-        hashes = [r["hashes"] for r in results if r["hashes"] is not None]
+        ids_writer = pq.ParquetWriter(os.path.join(stage, "ids.parquet"), IDS_SCHEMA)
+        merged, shard_files, exact, codes, hashes, fid_chunks = None, [], None, [], [], []
+        for r in run_adders(index, ds.path, groups, Q, lsh_cfg, remote, stage if ondisk_lists else None):
+            ids_writer.write_table(pa.table({"faiss_id": r["fids"], "id": pa.array(r["ids"], pa.string())}))
+            fid_chunks.append(r["fids"])
+            exact = r["exact"] if exact is None else fx.merge_topk(*zip(exact, r["exact"]), TUNE_K + 1)
+            if r["codes"] is not None:
+                codes.append(r["codes"])
+            if r["hashes"] is not None:
+                hashes.append(r["hashes"])
+            if r["index"] is None:
+                shard_files.append(os.path.join(stage, f".shard-{len(shard_files)}.index"))
+                continue
+            one = r["index"]
+            del r
+            merged = [one] if merged is None else fx.merge([*merged, one], kind)
+        ids_writer.close()
+        if ondisk_lists:
+            merged = [ondisk.merge(index, shard_files, stage)]
+        assert merged is not None and exact is not None
+        tuning = fx.tune(merged, Q, exact[1], TUNE_K, config.target_recall, self_ids=qids)
+        if tuning["param"] and not tuning.get("reached"):
+            _log(
+                f"index: warning: recall@{TUNE_K} {tuning[f'recall@{TUNE_K}']:.3f} at the largest {tuning['param']} "
+                f"stays under the target {config.target_recall}"
+            )
+        files = write_faiss(stage, merged)
+        fids = np.concatenate(fid_chunks)
         lsh_meta = write_lsh(
-            stage, lsh_cfg, codes, hashes, ids, fids, dedup_threshold, Q, fx.drop_self(exact, qids, TUNE_K)
+            stage, lsh_cfg, codes, hashes, stage, fids, config, Q, fx.drop_self(exact[1], qids, TUNE_K)
         )
         if _crash_before_publish:
             raise RuntimeError("injected failure before publish (test hook)")
-        manifest = {
-            "type": "attnpipe-index",
-            "count": int(n),
-            "dim": dim,
-            "metric": "inner_product",
-            "faiss": {
-                **faiss_meta(factory, kind, files, tuning, target_recall, len(Q)),
-                "train_size": train_size,
-                "factory_auto": factory_auto,
-                "trained_count": int(n),
-                "added_since_training": 0,
-            },
-            "lsh": lsh_meta,
-            "update": {"mode": "full"},
-            "workers": len(groups),
-            "build_seconds": round(time.perf_counter() - start, 2),
-            "source": source_info(embeddings, src_manifest),
+        faiss_section = {
+            **faiss_meta(factory, kind, files, tuning, config.target_recall, len(Q)),
+            "train_size": train_size,
+            "factory_auto": config.factory is None,
+            "trained_count": int(n),
+            "added_since_training": 0,
         }
+        if ondisk_lists:
+            faiss_section["ivfdata"] = ondisk.IVFDATA
+        manifest = version_manifest(
+            count=n,
+            dim=dim,
+            faiss_section=faiss_section,
+            lsh_meta=lsh_meta,
+            update={"mode": "full"},
+            workers=len(groups) if remote else 1,
+            start=start,
+            source=source_info(ds),
+            config=config,
+            estimate=chosen,
+        )
         layout.publish_version(root, stage, version, manifest)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -231,15 +294,72 @@ def build_index(
     manifest = layout.load_manifest(root, version, verify=False)
     knob = f"{tuning['param']}={tuning['value']}, " if tuning["param"] else ""
     _log(
-        f"index: published {root}/{version}: {n} vectors, {knob}recall@10 {tuning[f'recall@{TUNE_K}']:.3f}, "
-        f"{manifest['build_seconds']} s"
+        f"index: published {fs.display(root)}/{version}: {n} vectors, {knob}recall@10 "
+        f"{tuning[f'recall@{TUNE_K}']:.3f}, {manifest['build_seconds']} s"
     )
     return manifest
 
 
-def ok_rows(path: str) -> int:
-    status = pq.read_table(path, columns=["status"]).column("status")
-    return int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
+IDS_SCHEMA = pa.schema([("faiss_id", pa.int64()), ("id", pa.string())])
+
+
+def _cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+
+
+def _chunks(parts: list[store.Part], counts: list[int], budget: int | None, dim: int) -> list[list[store.Part]]:
+    """Consecutive groups of parts holding at most ~budget/4 bytes of vectors each (one shard file per group)."""
+    cap = max(1, (budget or 1 << 30) // 4 // (dim * 4 + 8))
+    groups: list[list[store.Part]] = [[]]
+    rows = 0
+    for part, c in zip(parts, counts):
+        if groups[-1] and rows + c > cap:
+            groups.append([])
+            rows = 0
+        groups[-1].append(part)
+        rows += c
+    return groups
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def version_manifest(
+    count: int,
+    dim: int,
+    faiss_section: dict,
+    lsh_meta: dict,
+    update: dict,
+    workers: int,
+    start: float,
+    source: dict,
+    config: IndexConfig,
+    estimate: dict | None = None,
+) -> dict:
+    """The one builder of an index version's manifest (full builds and incremental updates)."""
+    return {
+        "type": "attnpipe-index",
+        "count": int(count),
+        "dim": int(dim),
+        "metric": "inner_product",
+        "faiss": faiss_section,
+        "lsh": lsh_meta,
+        "update": update,
+        "workers": workers,
+        "build_seconds": round(time.perf_counter() - start, 2),
+        "memory": {
+            "budget_bytes": config.memory_budget,
+            "estimated_bytes": (estimate or {}).get("estimated_bytes"),
+            "resident_bytes": (estimate or {}).get("resident_bytes"),
+            "ondisk": bool(faiss_section.get("ivfdata")),
+            "build_peak_rss_bytes": peak_rss_bytes(),
+        },
+        "source": source,
+    }
 
 
 def faiss_meta(factory: str, kind: str, files: list[str], tuning: dict, target_recall: float, queries: int) -> dict:
@@ -255,29 +375,32 @@ def faiss_meta(factory: str, kind: str, files: list[str], tuning: dict, target_r
     }
 
 
-def source_info(embeddings: str, src_manifest: dict) -> dict:
-    """What a version was built from: the dataset, its model, shard fingerprints and part numbers (for updates)."""
+def source_path(path: str) -> str:
+    """How a version records its embeddings: an absolute local path, or the URI."""
+    return os.path.abspath(fs.resolve(path)[1]) if fs.is_local(path) else fs.display(path)
+
+
+def source_info(ds: store.Dataset) -> dict:
+    """What a version was built from: the dataset, its model, shard fingerprints, part numbers (for updates), and
+    the checksum of the exact dataset state (``eval`` refuses an index of another state)."""
     return {
-        "embeddings": os.path.abspath(embeddings),
-        "model": src_manifest.get("model"),
-        "shards": {s["name"]: s["fingerprint"] for s in src_manifest["shards"]},
-        "parts": store.part_numbers(src_manifest),
-        "manifest_sha256": store.open_dataset(embeddings).manifest_sha256,
+        "embeddings": source_path(ds.path),
+        "model": ds.manifest.get("model"),
+        "shards": {s["name"]: s["fingerprint"] for s in ds.manifest["shards"]},
+        "parts": store.part_numbers(ds.manifest),
+        "manifest_sha256": ds.manifest_sha256,
     }
 
 
-def write_ids(stage: str, fids: np.ndarray, ids: list[str]) -> None:
-    pq.write_table(pa.table({"faiss_id": fids, "id": pa.array(ids, pa.string())}), os.path.join(stage, "ids.parquet"))
-
-
-def lsh_config(lsh: str, dim: int, seed: int, tables: int, bits: int, perm: int, center: np.ndarray) -> dict:
+def lsh_config(config: IndexConfig, dim: int, center: np.ndarray) -> dict:
     cfg: dict = {}
+    lsh = config.lsh_choice
     if lsh in ("simhash", "both"):
         from attnpipe.index.lsh import SimHashLSH
 
-        cfg["simhash"] = SimHashLSH(dim, tables, bits, seed, center)
+        cfg["simhash"] = SimHashLSH(dim, config.simhash_tables, config.simhash_bits, config.seed, center)
     if lsh in ("minhash", "both"):
-        cfg["minhash"] = {"num_perm": perm, "seed": seed + 1}
+        cfg["minhash"] = {"num_perm": config.minhash_perm, "seed": config.seed + 1}
     return cfg
 
 
@@ -288,24 +411,30 @@ def write_faiss(stage: str, indexes: list[faiss.Index]) -> list[str]:
     return names
 
 
+def read_ids(path: str) -> tuple[np.ndarray, np.ndarray]:
+    table = pq.read_table(os.path.join(path, "ids.parquet"))
+    return table.column("faiss_id").to_numpy(), np.array(table.column("id").to_pylist(), dtype=object)
+
+
 def write_lsh(
     stage: str,
     cfg: dict,
     codes: list[np.ndarray],
     hashes: list[np.ndarray],
-    ids: list[str],
+    ids_dir: str,
     fids: np.ndarray,
-    threshold: float,
+    config: IndexConfig,
     Q: np.ndarray,
     exact: np.ndarray,
 ) -> dict:
-    """SimHash tables from the codes and near-duplicate groups from the MinHashes, both in ``ids`` order."""
+    """SimHash tables from the codes and near-duplicate groups from the MinHashes, both in ``ids.parquet`` order
+    (``ids_dir/ids.parquet`` is read for the string ids only when near-duplicates are grouped)."""
     meta: dict = {}
     if not cfg:
         return meta
     from attnpipe.index import lsh as lsh_mod
 
-    os.makedirs(os.path.join(stage, "lsh"))
+    os.makedirs(os.path.join(stage, "lsh"), exist_ok=True)
     if "simhash" in cfg:
         table = cfg["simhash"].emptied()
         table.add(np.concatenate(codes), fids)
@@ -324,11 +453,14 @@ def write_lsh(
     if "minhash" in cfg:
         allh = np.concatenate(hashes)
         np.save(os.path.join(stage, "lsh", "minhash.npy"), allh)
-        groups = lsh_mod.near_duplicate_groups_from_hashes(ids, allh, threshold=threshold, **cfg["minhash"])
+        ids = read_ids(ids_dir)[1].tolist()
+        groups = lsh_mod.near_duplicate_groups_from_hashes(
+            ids, allh, threshold=config.dedup_threshold, **cfg["minhash"]
+        )
         pq.write_table(lsh_mod.dedup_table(groups), os.path.join(stage, "lsh", "near_duplicates.parquet"))
         meta["minhash"] = {
             **cfg["minhash"],
-            "threshold": threshold,
+            "threshold": config.dedup_threshold,
             "groups": len(groups),
             "note": "weighted MinHash of max(embedding, 0)",
         }
