@@ -300,3 +300,74 @@ def test_renders_in_headless_browser(tmp_path):
     assert loaded and total, proc.stdout[:500]
     assert int(total.group(1)) == n_img > 5
     assert int(loaded.group(1)) == n_img
+
+
+def _overlay_pixels(tmp_path, attention, name: str) -> np.ndarray:
+    """The attention tile of one card on a flat grey image, as an array."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, format="PNG")
+    card = {"query_id": "s/q", "image": buf.getvalue(), "attention": attention, "results": []}
+    return np.asarray(_decoded_images(_read(write_report(str(tmp_path / name), {}, {}, [card])))[1], np.float32)
+
+
+def test_uniform_attention_looks_uniform_and_a_peak_does_not(tmp_path):
+    """Fixed 0..max scale in uniform levels: a uniform map and a 1% ripple are flat; a real peak has contrast (a
+    min-max stretch turned the ripple into a hot spot)."""
+    rng = np.random.default_rng(0)
+    uniform = np.full((7, 7), 1 / 49, np.float32)
+    ripple = uniform * (1 + 0.01 * rng.standard_normal((7, 7)).astype(np.float32))
+    peaked = uniform.copy()
+    peaked[3, 3] = 0.5
+    flat, rippled, hot = (_overlay_pixels(tmp_path, a, f"{i}.html") for i, a in enumerate((uniform, ripple, peaked)))
+    assert flat.std(axis=(0, 1)).max() < 1.0
+    assert rippled.std(axis=(0, 1)).max() < 6.0 and np.abs(rippled - flat).mean() < 8.0
+    assert (
+        np.ptp(hot, axis=(0, 1)).max() > 100 and np.ptp(flat, axis=(0, 1)).max() < 5
+    )  # the peak cell is bright (50% blend), the rest dark
+    # a uniform map sits at the top of its scale (vmax = 1 uniform level): bright, not black
+    assert flat.mean() > 150
+
+
+def test_cards_show_entropy_peak_and_a_colour_bar(tmp_path):
+    metrics, extras, cards = _inputs()
+    cards[0] |= {"attn_entropy": 0.8123, "attn_peak": 0.0456}  # the runner's fields win over recomputation
+    cards[1]["attention"] = np.full((4, 4), 1 / 16, np.float32)
+    cards[1]["results"][0]["attn_entropy"] = 0.5
+    text = _read(write_report(str(tmp_path / "r.html"), metrics, extras, cards))
+    _check_self_contained(text)
+    assert "H 0.812 · peak 0.0456" in text
+    assert "H 1.000 · peak 0.0625" in text  # computed from the map: uniform over 16 positions
+    assert text.count('class="cbar"') == 4 and "1× unif." in text  # uniform card: its scale tops at 1
+    assert "· H 0.50" in text
+    assert "4 queries from 1 shard: shard-0" in text
+
+
+@pytest.mark.parametrize(
+    "meta, random",
+    [
+        ({"model": "resnet18", "pooling": "attn", "weights": "none"}, True),
+        ({"model": "resnet18", "weights_fingerprint": "random:resnet18:seed=0"}, True),
+        ({"model": "resnet18", "weights": "default", "weights_fingerprint": "torchvision:IMAGENET1K_V1"}, False),
+        ({"model": "resnet18", "embeddings": "/nonexistent/emb"}, False),  # weights unknown: no claim either way
+    ],
+)
+def test_header_names_the_weights_and_warns_when_random(tmp_path, meta, random):
+    text = _read(write_report(str(tmp_path / "r.html"), {"meta": meta}, {}, []))
+    header = text[text.index("<header>") : text.index("</header>")]
+    assert "resnet18" in header
+    assert ("Random weights" in header) is random and ("none (random init)" in header) is random
+    if meta.get("weights") == "default":
+        assert "<b>weights</b>default" in header
+
+
+def test_best_marking_tolerates_float_noise(tmp_path):
+    metrics = {
+        "exact": {"precision@1": 0.5, "map@r": 0.3},
+        "faiss": {"precision@1": 0.5 + 1e-12, "map@r": 0.2999},
+        "lsh": {"precision@1": 0.49, "map@r": 0.1},
+    }
+    text = _read(write_report(str(tmp_path / "r.html"), metrics, {}, []))
+    row = re.search(r"<tr><th>precision@1</th>(.*?)</tr>", text).group(1)
+    assert row.count('class="num best"') == 2  # exact and faiss tie; lsh does not
+    row = re.search(r"<tr><th>map@r</th>(.*?)</tr>", text).group(1)
+    assert row.count('class="num best"') == 1

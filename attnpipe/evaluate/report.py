@@ -5,6 +5,11 @@ file can be mailed, archived or opened offline. Sections (each rendered only whe
 Recall@k curves, ANN trade-off, LSH, Attention, Heads comparison, Query grid. A tiny inline script records on load
 how many images decoded (``data-images-loaded`` / ``data-images-total`` on ``<body>``) for the browser test.
 
+Honesty rules: the header names the model and its weights and warns when they are random (``model.weights=none``);
+attention heat-maps are drawn on a fixed scale from 0 to the card's maximum in multiples of the uniform level, with a
+colour bar marking that level, so a uniform map looks uniform instead of being stretched into a hot spot; every card
+prints its normalized entropy and peak; "best" marks every value within a relative tolerance of the top one.
+
 Example::
 
     write_report("out/eval/report.html", metrics, {"sweep": sweep, "entropy": {"attn": ent}}, cards)
@@ -46,6 +51,7 @@ STATS = (
     "pointing_game",
 )
 THUMB = 128  # px, longest side of every card image
+BEST_RTOL = 1e-6  # values this close to the best one are bold too (float noise is not a win)
 RC: dict[Any, Any] = {
     "font.size": 9,
     "axes.spines.top": False,
@@ -88,6 +94,11 @@ details{margin:6px 0} summary{cursor:pointer;color:var(--muted);font-size:14px}
 .tile.query img{border-color:var(--accent)} .tile.ok img{border-color:var(--ok)} .tile.bad img{border-color:var(--bad)}
 .cap{white-space:nowrap;overflow:hidden;text-overflow:ellipsis} .sub{color:var(--muted);font-family:var(--mono)}
 .key span{display:inline-block;width:10px;height:10px;border-radius:2px;margin:0 4px 0 12px}
+.warn{margin-top:14px;background:#7a2e0e;border:1px solid #f0a15f;color:#ffe2cc;border-radius:6px;padding:8px 12px;
+font-size:14px;max-width:900px} .warn b{color:#fff}
+.cbar{position:relative;height:8px;margin:3px 3px 0;border-radius:2px}
+.cbar i{position:absolute;top:-3px;bottom:-3px;width:2px;margin-left:-1px;background:#00e5ff}
+.cbl{display:flex;justify-content:space-between;margin:0 3px;color:var(--muted);font-size:10px;font-family:var(--mono)}
 """
 
 # Counts decoded images on load; the browser test reads these attributes from the dumped DOM.
@@ -124,6 +135,8 @@ def write_report(path: str, metrics: dict, extras: dict, cards: list[dict], titl
         for k, v in (metrics.get("meta") or {}).items()
         if v is not None
     }
+    model, warning = _model_facts(metrics.get("meta") or {})
+    meta = {**model, **{k: v for k, v in meta.items() if k not in model}}
     facts = "".join(f'<span class="fact"><b>{_e(k)}</b>{_e(v)}</span>' for k, v in meta.items())
     nav = "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t, _ in sections)
     body = "".join(f'<section id="{a}"><h2>{_e(t)}<a href="#{a}">#</a></h2>{h}</section>' for a, t, h in sections)
@@ -132,7 +145,7 @@ def write_report(path: str, metrics: dict, extras: dict, cards: list[dict], titl
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
         f'content="width=device-width,initial-scale=1"><title>{_e(title)}</title><style>{CSS}</style></head>'
         f'<body><header><h1>{_e(title)}</h1><div class="ts">generated {stamp}</div>'
-        f'<div class="facts">{facts}</div></header><nav>{nav}</nav><main>{body}</main>{SCRIPT}</body></html>'
+        f'<div class="facts">{facts}</div>{warning}</header><nav>{nav}</nav><main>{body}</main>{SCRIPT}</body></html>'
     )
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -146,6 +159,37 @@ def write_report(path: str, metrics: dict, extras: dict, cards: list[dict], titl
             os.remove(tmp)
         raise
     return path
+
+
+def _model_facts(meta: dict) -> tuple[dict[str, str], str]:
+    """Header facts for the model and its weights, and a warning banner when the weights are random.
+
+    Reads ``meta`` (``model``, ``pooling``, ``weights``, ``weights_fingerprint``); when the weights are not there it
+    looks them up in the manifest of ``meta["embeddings"]`` (best effort: a missing dataset just leaves them out).
+    """
+    weights, fingerprint = meta.get("weights"), meta.get("weights_fingerprint")
+    if weights is None and fingerprint is None and isinstance(meta.get("embeddings"), str):
+        from attnpipe import store
+
+        try:
+            model = store.open_dataset(meta["embeddings"]).manifest.get("model") or {}
+        except (OSError, ValueError, KeyError, RuntimeError):  # gone, not a dataset, damaged: no weights fact
+            model = {}
+        weights, fingerprint = model.get("weights"), model.get("weights_fingerprint")
+    facts = {k: str(meta[k]) for k in ("model", "pooling") if meta.get(k) is not None}
+    if weights is not None or fingerprint is not None:
+        facts["weights"] = str(weights if weights is not None else fingerprint)
+    random = weights == "none" or str(fingerprint or "").startswith("random:")
+    if not random:
+        return facts, ""
+    facts["weights"] = "none (random init)"
+    banner = (
+        '<div class="warn" role="alert"><b>⚠ Random weights</b> (<code>model.weights=none</code>'
+        f"{', ' + _e(fingerprint) if fingerprint else ''}): the backbone was never trained, so these numbers measure "
+        "the pipeline, not a model. Encode with <code>--set model.weights=default</code> (torchvision's pretrained "
+        "weights) or a trained head for meaningful retrieval quality and attention maps.</div>"
+    )
+    return facts, banner
 
 
 def _e(x) -> str:
@@ -181,15 +225,20 @@ def _order(dicts: list[dict]) -> list[str]:
 
 
 def _table(head: list[str], rows: list[list], best: bool = False) -> str:
-    """Rows are ``[name, value, ...]``; numbers right-aligned; with ``best`` the top value of each row is bold."""
+    """Rows are ``[name, value, ...]``; numbers right-aligned; with ``best`` the top value of each row is bold, and
+    so is every value within :data:`BEST_RTOL` of it (ties computed two ways differ in the last bits)."""
     th = "".join(f"<th{' class=num' if i else ''}>{_e(h)}</th>" for i, h in enumerate(head))
     body = []
     for name, *vals in rows:
         nums = [v for v in vals if _isnum(v)]
         top = max(nums) if best and len(nums) > 1 else None
-        tds = "".join(f'<td class="num{" best" if top is not None and v == top else ""}">{_fmt(v)}</td>' for v in vals)
+        tds = "".join(f'<td class="num{" best" if _is_best(v, top) else ""}">{_fmt(v)}</td>' for v in vals)
         body.append(f"<tr><th>{_e(name)}</th>{tds}</tr>")
     return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _is_best(v, top) -> bool:
+    return top is not None and _isnum(v) and math.isclose(v, top, rel_tol=BEST_RTOL, abs_tol=1e-12)
 
 
 def _png(img: Image.Image) -> str:
@@ -379,16 +428,22 @@ def _placeholder(text: str) -> Image.Image:
     return img
 
 
-def _overlay(img: Image.Image | None, attention, box) -> Image.Image:
-    """The thumbnail with the attention map (min-max scaled, bilinear to the image size) as an inferno heat-map."""
+def _overlay(img: Image.Image | None, attention, box) -> tuple[Image.Image, float | None]:
+    """The thumbnail with the attention map as an inferno heat-map, and the scale's top (in uniform levels).
+
+    The map is divided by the uniform level ``1 / positions`` and drawn on ``[0, vmax]`` with
+    ``vmax = max(map max, 1)``: a uniform map is one flat colour, and a small ripple stays a small ripple (a min-max
+    stretch would paint any ripple as a hot spot).
+    """
     a = np.asarray(attention, np.float32)
     if a.ndim != 2 or a.size == 0:
-        return _placeholder("no attention")
-    a = np.nan_to_num(a)
+        return _placeholder("no attention"), None
+    a = np.clip(np.nan_to_num(a), 0, None)
+    total = float(a.sum())
+    ratio = a * (a.size / total) if total > 0 else np.zeros_like(a)  # 1.0 = the uniform level
+    vmax = max(float(ratio.max()), 1.0)
     base = ImageOps.contain(img, (THUMB, THUMB)) if img is not None else Image.new("RGB", (THUMB, THUMB), (150,) * 3)
-    lo, hi = float(a.min()), float(a.max())
-    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    up = Image.fromarray(a).resize(base.size, Image.Resampling.BILINEAR)  # (h, w) -> (H, W) of the thumbnail
+    up = Image.fromarray(ratio / vmax).resize(base.size, Image.Resampling.BILINEAR)  # (h, w) -> (H, W) of the thumb
     up = np.clip(np.asarray(up), 0, 1)
     heat = matplotlib.colormaps["inferno"](up)[..., :3] * 255
     out = Image.fromarray((0.5 * np.asarray(base, np.float32) + 0.5 * heat).astype(np.uint8))
@@ -402,13 +457,41 @@ def _overlay(img: Image.Image | None, attention, box) -> Image.Image:
         )
         if sx:
             ImageDraw.Draw(out).rectangle([x0 * sx, y0 * sy, x1 * sx - 1, y1 * sy - 1], outline=(0, 229, 255), width=2)
-    return out
+    return out, vmax
 
 
-def _tile(img: Image.Image, cls: str, caption: str, sub: str = "") -> str:
+def _colorbar(vmax: float) -> str:
+    """The heat-map's scale under the tile: 0 .. vmax uniform levels, a cyan tick at the uniform level."""
+    stops = ",".join(matplotlib.colors.to_hex(matplotlib.colormaps["inferno"](x)) for x in np.linspace(0, 1, 9))
     return (
-        f'<div class="tile {cls}"><img alt="{_e(caption)}" src="{_png(img)}">'
+        f'<div class="cbar" title="attention / uniform level, 0 to {vmax:.2f}; cyan tick = uniform" '
+        f'style="background:linear-gradient(to right,{stops})"><i style="left:{100 / vmax:.1f}%"></i></div>'
+        f'<div class="cbl"><span>0</span><span>{vmax:.2g}× unif.</span></div>'
+    )
+
+
+def _attn_numbers(card: dict) -> tuple[float | None, float | None]:
+    """Normalized entropy and peak of the card's map: the runner's ``attn_entropy``/``attn_peak`` when present."""
+    ent, peak = card.get("attn_entropy"), card.get("attn_peak")
+    a = np.asarray(card.get("attention") if card.get("attention") is not None else [], np.float64)
+    if (ent is None or peak is None) and a.ndim == 2 and a.size and np.isfinite(a).all() and a.sum() > 0:
+        p = np.clip(a, 0, None).ravel() / np.clip(a, 0, None).sum()
+        nz = p[p > 0]
+        ent = ent if ent is not None else float(-(nz * np.log(nz)).sum() / np.log(p.size)) if p.size > 1 else 0.0
+        peak = peak if peak is not None else float(p.max())
+    return (float(ent) if _isnum(ent) else None), (float(peak) if _isnum(peak) else None)
+
+
+def _tile(img: Image.Image, cls: str, caption: str, sub: str = "", extra: str = "") -> str:
+    return (
+        f'<div class="tile {cls}"><img alt="{_e(caption)}" src="{_png(img)}">{extra}'
         f'<div class="cap" title="{_e(caption)}">{_e(caption)}</div><div class="sub">{_e(sub)}</div></div>'
+    )
+
+
+def _stats_text(entropy: float | None, peak: float | None) -> str:
+    return " · ".join(
+        [*([f"H {entropy:.3f}"] if entropy is not None else []), *([f"peak {peak:.3g}"] if peak is not None else [])]
     )
 
 
@@ -418,15 +501,20 @@ def _grid(cards: list[dict]) -> str:
         img = _open(card.get("image"))
         thumb = ImageOps.contain(img, (THUMB, THUMB)) if img is not None else _placeholder("no image")
         qid, label = str(card.get("query_id", "?")), card.get("label")
+        overlay, vmax = (
+            _overlay(img, card.get("attention"), card.get("box"))
+            if card.get("attention") is not None
+            else (_placeholder("no attention"), None)
+        )
+        stats = _stats_text(*_attn_numbers(card))
         tiles = [
             _tile(thumb, "query", qid, f"label {label}" if label is not None else "query"),
             _tile(
-                _overlay(img, card.get("attention"), card.get("box"))
-                if card.get("attention") is not None
-                else _placeholder("no attention"),
-                "query",
-                "attention",
-                "box in cyan" if card.get("box") is not None else "",
+                overlay,
+                "query attn",
+                ("attention, box in cyan" if card.get("box") is not None else "attention"),
+                stats,
+                _colorbar(vmax) if vmax is not None else "",
             ),
             '<div class="sep"></div>',
         ]
@@ -439,15 +527,22 @@ def _grid(cards: list[dict]) -> str:
                     "ok" if rel is True else "bad" if rel is False else "",
                     str(r.get("id", "?")),
                     ("✓ " if rel is True else "✗ " if rel is False else "")
-                    + (f"{r['score']:.4f}" if _isnum(r.get("score")) else ""),
+                    + (f"{r['score']:.4f}" if _isnum(r.get("score")) else "")
+                    + (f" · H {r['attn_entropy']:.2f}" if _isnum(r.get("attn_entropy")) else ""),
                 )
             )
         rows.append(f'<div class="q">{"".join(tiles)}</div>')
     if not rows:
         return ""
+    shards = sorted({str(c.get("query_id", "?")).split("/", 1)[0] for c in cards})
     key = (
         '<p class="note key">Query, its attention map, then the top results by score. Border:'
         '<span style="background:var(--ok)"></span>relevant<span style="background:var(--bad)"></span>not '
         'relevant<span style="background:var(--none)"></span>unjudged</p>'
+        '<p class="note">Heat-maps share one rule: 0 to the map\'s maximum, in multiples of the uniform level '
+        "(1 / positions; cyan tick on the colour bar), so a uniform map is one flat colour. H = normalized entropy "
+        "(1 = uniform), peak = largest attention weight. "
+        f"{len(cards)} queries from {len(shards)} shard{'s' if len(shards) != 1 else ''}: {_e(', '.join(shards[:8]))}"
+        f"{' …' if len(shards) > 8 else ''}.</p>"
     )
     return key + "".join(rows)
