@@ -20,6 +20,8 @@ import sys
 from attnpipe import __version__, log, store
 from attnpipe.config import ConfigError, load_config
 from attnpipe.data.shards import InputError
+from attnpipe.dedup.command import add_arguments as add_dedup_arguments
+from attnpipe.dedup.command import run_command as run_dedup_command
 from attnpipe.index.layout import IndexLayoutError
 from attnpipe.lock import LockHeld
 from attnpipe.train.command import add_train_arguments, run_train_command
@@ -160,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="Ray index tasks (default: one per CPU)")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 vs exact that nprobe is tuned to")
     _config_args(p)
+
+    p = sub.add_parser("dedup", help="near-duplicate pairs and groups, and leakage into other datasets")
+    add_dedup_arguments(p)
 
     p = sub.add_parser("train", help="fit the pooling head (and optionally the backbone's end) on labeled shards")
     _config_args(p)
@@ -504,6 +509,7 @@ COMMANDS = {
     "reindex": cmd_reindex,
     "train": run_train_command,
     "run": cmd_run,
+    "dedup": run_dedup_command,
 }
 
 if __name__ == "__main__":

@@ -76,8 +76,8 @@ def nn_threshold(nn: np.ndarray, z: float = 4.0, iters: int = 50) -> tuple[float
         "median": round(med, 6),
         "mad": round(mad, 6),
         "iterations": it,
-        "vectors": int(len(nn)),
-        "bulk_vectors": int(len(keep)),
+        "vectors": len(nn),
+        "bulk_vectors": len(keep),
         "clamped": bool(cut > MAX_THRESHOLD),
         "nn_quantiles": {f"q{q:02d}": round(float(np.quantile(nn, q / 100)), 6) for q in (1, 10, 50, 90, 99)},
     }

@@ -182,7 +182,9 @@ def _pixels(manifest: dict, ids: list[str]) -> tuple[dict[str, int], str | None]
         except (UnidentifiedImageError, OSError, ValueError):
             continue
     missing = len(set(ids) - set(out))
-    note = f"source size unknown for {missing} of {len(ids)} grouped images (first id used for those)" if missing else None
+    note = (
+        f"source size unknown for {missing} of {len(ids)} grouped images (first id used for those)" if missing else None
+    )
     return out, note
 
 
@@ -255,8 +257,13 @@ def dedup(
         {
             k: pa.array([r[j] for r in leak_rows], t)
             for j, (k, t) in enumerate(
-                (("id_a", pa.string()), ("dataset_b", pa.string()), ("id_b", pa.string()), ("similarity", pa.float32()),
-                 ("method", pa.string()))
+                (
+                    ("id_a", pa.string()),
+                    ("dataset_b", pa.string()),
+                    ("id_b", pa.string()),
+                    ("similarity", pa.float32()),
+                    ("method", pa.string()),
+                )
             )
         }
     )
@@ -282,8 +289,12 @@ def dedup(
         "leakage_pairs": {fs.display(d.path): len(merged.get(s, {})) for s, d in enumerate(datasets[1:], 1)},
         "keep": cfg.keep,
         "keep_note": keep_note,
-        "plan": {"clusters": len(plan.centroids), "probes": plan.probes, "buckets": plan.buckets,
-                 "sample": len(sample)},
+        "plan": {
+            "clusters": len(plan.centroids),
+            "probes": plan.probes,
+            "buckets": plan.buckets,
+            "sample": len(sample),
+        },
         "config": asdict(cfg),
         "files": ["pairs.parquet", "leakage.parquet", "groups.parquet", "summary.json", "report.html"],
     }

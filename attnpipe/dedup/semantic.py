@@ -178,9 +178,7 @@ def nn_bucket(*blocks: Block) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(gids), np.concatenate(sims)
 
 
-def _pairs(
-    c: int, A: tuple, B: tuple, threshold: float, same: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pairs(c: int, A: tuple, B: tuple, threshold: float, same: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ga, aa, Za = A
     gb, ab, Zb = B
     out_a, out_b, out_s = [], [], []
