@@ -74,6 +74,7 @@ def _inputs(seed: int = 0) -> tuple[dict, dict, list[dict]]:
             "gallery": 10000,
             "model": "resnet18",
             "pooling": "attn",
+            "weights": "none",
             "factory": "IVF64,Flat",
             "nprobe": 8,
             "leave_one_out": True,
@@ -167,6 +168,7 @@ def test_full_report(tmp_path):
     ):
         assert name in text, name
     assert f"{metrics['exact']['map@r']:.4f}" in text  # numbers at 4 decimals
+    assert "Random weights" in text and text.count('class="cbar"') == 4
     assert "12,345.6" in text and "10,000" in text
     positions = [text.index(f">{h}<") for h in SECTIONS]
     assert positions == sorted(positions)
@@ -335,8 +337,8 @@ def test_cards_show_entropy_peak_and_a_colour_bar(tmp_path):
     cards[1]["results"][0]["attn_entropy"] = 0.5
     text = _read(write_report(str(tmp_path / "r.html"), metrics, extras, cards))
     _check_self_contained(text)
-    assert "H 0.812 · peak 0.0456" in text
-    assert "H 1.000 · peak 0.0625" in text  # computed from the map: uniform over 16 positions
+    assert "H 0.812 · peak 0.046" in text
+    assert "H 1.000 · peak 0.062" in text  # computed from the map: uniform over 16 positions
     assert text.count('class="cbar"') == 4 and "1× unif." in text  # uniform card: its scale tops at 1
     assert "· H 0.50" in text
     assert "4 queries from 1 shard: shard-0" in text

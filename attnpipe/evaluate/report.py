@@ -98,7 +98,7 @@ details{margin:6px 0} summary{cursor:pointer;color:var(--muted);font-size:14px}
 font-size:14px;max-width:900px} .warn b{color:#fff}
 .cbar{position:relative;height:8px;margin:3px 3px 0;border-radius:2px}
 .cbar i{position:absolute;top:-3px;bottom:-3px;width:2px;margin-left:-1px;background:#00e5ff}
-.cbl{display:flex;justify-content:space-between;margin:0 3px;color:var(--muted);font-size:10px;font-family:var(--mono)}
+.attn .sub{font-size:11px} .cbl{display:flex;justify-content:space-between;margin:0 3px;color:var(--muted);font-size:10px;font-family:var(--mono)}
 """
 
 # Counts decoded images on load; the browser test reads these attributes from the dumped DOM.
@@ -491,7 +491,7 @@ def _tile(img: Image.Image, cls: str, caption: str, sub: str = "", extra: str = 
 
 def _stats_text(entropy: float | None, peak: float | None) -> str:
     return " · ".join(
-        [*([f"H {entropy:.3f}"] if entropy is not None else []), *([f"peak {peak:.3g}"] if peak is not None else [])]
+        [*([f"H {entropy:.3f}"] if entropy is not None else []), *([f"peak {peak:.3f}"] if peak is not None else [])]
     )
 
 
