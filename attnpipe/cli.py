@@ -22,6 +22,7 @@ from attnpipe.config import ConfigError, load_config
 from attnpipe.data.shards import InputError
 from attnpipe.dedup.command import add_arguments as add_dedup_arguments
 from attnpipe.dedup.command import run_command as run_dedup_command
+from attnpipe.index.config import LSH_CHOICES
 from attnpipe.index.layout import IndexLayoutError
 from attnpipe.lock import LockHeld
 from attnpipe.train.command import add_train_arguments, run_train_command
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", required=True, help="embeddings dataset written by `attnpipe encode`")
     p.add_argument("--out", required=True, help="index root: versions v<N>/ and CURRENT")
     p.add_argument("--faiss", default=None, help="faiss index_factory string (default: chosen from the count)")
-    p.add_argument("--lsh", default="simhash", choices=("simhash", "minhash", "both", "none"))
+    p.add_argument("--lsh", default="simhash", choices=LSH_CHOICES)
     p.add_argument("--workers", type=int, default=0, help="Ray add tasks (default: one per CPU, at most parts)")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 vs exact that nprobe is tuned to")
     p.add_argument(
@@ -111,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="weighted Jaccard over which two images are near-duplicates (--lsh minhash|both)",
     )
     p.add_argument("--minhash-perm", type=int, default=128, help="weighted MinHash samples per vector")
+    p.add_argument(
+        "--memory-budget",
+        default=None,
+        help="search-time memory for the index, e.g. 8GB: picks the factory, nlist and on-disk lists (autofaiss-style)",
+    )
+    p.add_argument(
+        "--ondisk",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="IVF inverted lists in one memory-mapped faiss.ivfdata file (default: when the budget needs it)",
+    )
     p.add_argument("--ray-address", default=None)
 
     p = sub.add_parser("search", help="query an index by id or by image")
@@ -132,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default="1,5,10,100", help="cut-offs, comma-separated")
     p.add_argument("--depth", type=int, default=10_000, help="ranking depth (full ranking for smaller galleries)")
     p.add_argument("--compare", nargs="*", default=[], help="other encodings of the same images (other heads)")
+    p.add_argument(
+        "--workers", type=int, default=0, help="Ray tasks reading the gallery (default: one per CPU when Ray is up)"
+    )
     p.add_argument("--version", default=None, help="index version (default: CURRENT)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -147,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lsh",
         default=None,
-        choices=("simhash", "minhash", "both", "none"),
+        choices=LSH_CHOICES,
         help="LSH tables (default: the live version's, or simhash)",
     )
     p.add_argument("--force", action="store_true", help="re-encode everything when the model settings changed")
@@ -272,6 +287,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_index(args: argparse.Namespace) -> int:
     from attnpipe import fs
     from attnpipe.index.build import build_index
+    from attnpipe.index.config import IndexConfig, parse_bytes
     from attnpipe.lock import exclusive
     from attnpipe.reindex import LOCK
     from attnpipe.runtime import init_ray
@@ -279,17 +295,19 @@ def cmd_index(args: argparse.Namespace) -> int:
     store.read_manifest(args.embeddings)  # fail fast, before Ray starts
     fs.makedirs(args.out)
     with exclusive(fs.join(args.out, LOCK), f"attnpipe index --out {fs.display(args.out)}"):  # not beside a reindex
-        init_ray(args.ray_address)
-        manifest = build_index(
-            args.embeddings,
-            args.out,
+        if args.workers >= 2 or args.ray_address:  # small data and one worker build in-process: no Ray start-up
+            init_ray(args.ray_address)
+        config = IndexConfig(
             factory=args.faiss,
             lsh=args.lsh,
             workers=args.workers,
             target_recall=args.target_recall,
             dedup_threshold=args.dedup_threshold,
             minhash_perm=args.minhash_perm,
+            memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
+            ondisk=args.ondisk,
         )
+        manifest = build_index(args.embeddings, args.out, config)
     f = manifest["faiss"]
     summary = {k: manifest[k] for k in ("version", "count", "dim", "build_seconds")} | {
         "faiss": {k: v for k, v in f.items() if k != "tuning"}
@@ -361,6 +379,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         compare=tuple(args.compare),
         version=args.version,
+        workers=args.workers,
     )
     summary = {
         "metrics": os.path.join(args.out, "metrics.json"),
