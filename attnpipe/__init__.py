@@ -10,7 +10,7 @@ on first use so that ``import attnpipe`` pulls in neither torch nor Ray::
     metrics = attnpipe.evaluate("emb/", "index/", "eval/")
     scores, ids = attnpipe.SearchIndex.load("index/").search(vectors, k=10)
 
-``encode``, ``evaluate``, ``reindex`` (and ``dedup``) share their names with submodules. Importing such a submodule
+``encode``, ``evaluate``, ``reindex`` and ``dedup`` share their names with submodules. Importing such a submodule
 (``import attnpipe.encode``, which the library itself does) would normally rebind the package attribute to the
 module; the package's module class refuses that one rebinding, so ``attnpipe.encode`` is always the function. Reach
 a submodule with ``from attnpipe.encode import ...`` or ``importlib.import_module("attnpipe.encode")``.
@@ -32,6 +32,8 @@ _LAZY = {
     "evaluate": "attnpipe.evaluate.runner",
     "reindex": "attnpipe.reindex",
     "train_head": "attnpipe.train.trainer",
+    "dedup": "attnpipe.dedup",
+    "DedupConfig": "attnpipe.dedup",
     "SearchIndex": "attnpipe.index.search",
     "Searcher": "attnpipe.query",
     "search_image": "attnpipe.query",
@@ -49,6 +51,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from attnpipe.config import Config, ConfigError, load_config
     from attnpipe.data.shards import InputError, discover
+    from attnpipe.dedup import DedupConfig, dedup
     from attnpipe.encode import encode
     from attnpipe.evaluate.runner import evaluate
     from attnpipe.index.build import build_index
@@ -61,10 +64,12 @@ if TYPE_CHECKING:
 __all__ = [
     "Config",
     "ConfigError",
+    "DedupConfig",
     "InputError",
     "SearchIndex",
     "Searcher",
     "build_index",
+    "dedup",
     "discover",
     "encode",
     "evaluate",

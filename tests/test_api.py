@@ -18,10 +18,11 @@ from tests.conftest import fast_config
 
 PUBLIC = {
     "encode": ("inputs", "out", "cfg", "overwrite"),
-    "build_index": ("embeddings", "root", "factory", "lsh"),
+    "build_index": ("embeddings", "root", "config"),
     "evaluate": ("embeddings", "index_root", "out", "queries", "ks"),
     "reindex": ("inputs", "embeddings", "root", "cfg"),
     "train_head": ("inputs", "out", "cfg"),
+    "dedup": ("embeddings", "out", "against", "cfg"),
     "load_config": ("path", "overrides"),
     "read_embeddings": ("path", "columns"),
     "search_image": ("index", "path", "k"),
@@ -64,6 +65,8 @@ def test_public_names_have_real_signatures_and_docs():
         assert f.__doc__ and "*args" not in str(inspect.signature(f)), name
     assert attnpipe.encode is sys.modules["attnpipe.encode"].encode
     assert attnpipe.evaluate is sys.modules["attnpipe.evaluate.runner"].evaluate
+    importlib.import_module("attnpipe.dedup.command")  # the package attnpipe.dedup shares the function's name
+    assert attnpipe.dedup is sys.modules["attnpipe.dedup.command"].dedup and inspect.isfunction(attnpipe.dedup)
     assert attnpipe.SearchIndex is sys.modules["attnpipe.index.search"].SearchIndex
     assert sorted(attnpipe.__all__) == sorted(attnpipe._LAZY) and "__version__" in dir(attnpipe)
     assert all(hasattr(attnpipe, n) for n in attnpipe.__all__)
