@@ -9,6 +9,15 @@ hold) and never reads or writes ``~/.ray/auth_token`` or ``/tmp/ray/ray_current_
         subprocess.run([ray_exe(), "job", "submit", "--address", head.address, "--", "python", "-c", "..."],
                        env=head.env, check=True)
 
+``ray_cluster(workers=2)`` adds worker nodes: each a ``ray start --address=<gcs> --node-ip-address=127.0.0.1`` in a
+session and temp dir of its own, with the head's token and marker, so a test can remove one node mid-run
+(``kill_node``: SIGKILL of every process of that node, raylet first, as when a machine disappears) while the head
+and the other workers go on.
+
+    with ray_cluster(workers=2) as cluster:
+        ...  # ray job submit --address cluster.head.address ...
+        kill_node(cluster.workers[0])
+
 Authentication (Ray 2.60, read from ``ray/_private/authentication`` and ``ray/dashboard/modules/dashboard_sdk.py``):
 the head enforces tokens when ``RAY_AUTH_MODE=token`` is in its environment; every node and client then reads the
 token from ``RAY_AUTH_TOKEN`` (the value), else ``RAY_AUTH_TOKEN_PATH`` (a file), else ``~/.ray/auth_token``. A job
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import secrets
 import shutil
@@ -57,6 +67,9 @@ class RayHead:
     gcs_address: str  # <node ip>:<gcs port>, what drivers get as RAY_ADDRESS
     temp_dir: Path
     token: str
+    marker: str = ""  # MARKER_ENV value every process of this head (and of its worker nodes) carries
+    session_id: int | None = None  # the session `ray start --head` ran in
+    node_env: dict[str, str] = dataclasses.field(default_factory=dict)  # environment for `ray start` on more nodes
 
     @property
     def session_dir(self) -> Path:
@@ -232,10 +245,142 @@ def ray_head(num_cpus: int = 2, start_timeout_s: float = 120.0) -> Iterator[RayH
             if time.monotonic() > deadline:
                 raise RuntimeError(f"job API at {address} not ready after {start_timeout_s:.0f}s:\n{_read(log_path)}")
             time.sleep(0.5)
-        yield RayHead(address=address, env=client_env, gcs_address=gcs_address, temp_dir=temp_dir, token=token)
+        yield RayHead(
+            address=address,
+            env=client_env,
+            gcs_address=gcs_address,
+            temp_dir=temp_dir,
+            token=token,
+            marker=marker,
+            session_id=session_id,
+            node_env=head_env,
+        )
     finally:
         stop_head_processes(marker, session_id)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class RayWorker:
+    """One worker node: ``ray start --address`` in a session (``session_id``) and temp dir of its own."""
+
+    name: str
+    session_id: int
+    temp_dir: Path
+
+    def pids(self) -> list[int]:
+        """Live processes of this node: its raylet, agents and every worker the raylet forked."""
+        return [p for p in session_pids(self.session_id) if _alive(p)]
+
+
+@dataclasses.dataclass(frozen=True)
+class RayCluster:
+    head: RayHead
+    workers: list[RayWorker]
+
+
+def session_pids(session_id: int) -> list[int]:
+    """Every process in a session (what a ``start_new_session=True`` child and all it spawned run in)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if _stat_fields(int(name))[3] == str(session_id):
+                    found.append(int(name))
+            except (OSError, IndexError):
+                continue
+    return found
+
+
+def start_worker(head: RayHead, name: str, num_cpus: int = 1, start_timeout_s: float = 120.0) -> RayWorker:
+    """Join one worker node to ``head`` (loopback, free ports, the head's token and marker); returns once it runs.
+
+    Raises:
+        RuntimeError: ``ray start`` failed; the message carries its output.
+    """
+    temp_dir = Path(tempfile.mkdtemp(prefix=f"attnpipe-{name}-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    # Every fixed default port (52365 agent, ...) would collide with the head's on the same machine: choose them all.
+    node_mgr, obj_mgr, metrics, agent_http, agent_grpc, runtime_env = _free_ports(6)
+    cmd = [
+        ray_exe(), "start",
+        "--address", head.gcs_address,
+        "--node-ip-address", "127.0.0.1",
+        "--node-manager-port", str(node_mgr),
+        "--object-manager-port", str(obj_mgr),
+        "--metrics-export-port", str(metrics),
+        "--dashboard-agent-listen-port", str(agent_http),
+        "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--runtime-env-agent-port", str(runtime_env),
+        "--num-cpus", str(num_cpus),
+        "--num-gpus", "0",
+        "--object-store-memory", str(300 * 2**20),  # small: several nodes share this machine's /dev/shm
+        "--resources", json.dumps({name: 1}),  # names the node in the state API (resources_total)
+        "--temp-dir", str(temp_dir),
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    log_path = temp_dir / "ray-start.log"
+    with open(log_path, "wb") as log:
+        starter = subprocess.Popen(cmd, env=head.node_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = starter.wait(timeout=start_timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+    worker = RayWorker(name=name, session_id=starter.pid, temp_dir=temp_dir)
+    if rc != 0:
+        kill_node(worker)
+        raise RuntimeError(f"ray start (worker {name}) {'timed out' if rc is None else f'exited {rc}'}:\n"
+                           f"{_read(log_path)}")  # fmt: skip
+    return worker
+
+
+def kill_node(worker: RayWorker) -> int:
+    """SIGKILL every process of one worker node, raylet first: the node is gone, as if its machine died.
+
+    Returns how many processes were killed. The head notices through missed health checks (seconds), and Ray
+    reschedules the node's tasks and restarts its actors elsewhere.
+    """
+    killed: set[int] = set()
+    for _ in range(3):  # the raylet may have forked a worker while dying
+        pids = sorted(worker.pids(), key=_kill_order)
+        if not pids:
+            break
+        killed.update(pids)
+        _signal_and_wait(pids, signal.SIGKILL, 5.0)
+    return len(killed)
+
+
+def alive_nodes(head: RayHead) -> list[dict]:
+    """The cluster's ALIVE nodes from the head's state API (``/api/v0/nodes``)."""
+    req = urllib.request.Request(head.address + "/api/v0/nodes?limit=100", headers=head.auth_headers())
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        body = json.loads(resp.read())
+    return [n for n in body["data"]["result"]["result"] if n.get("state") == "ALIVE"]
+
+
+@contextlib.contextmanager
+def ray_cluster(
+    workers: int = 2, head_cpus: int = 1, worker_cpus: int = 1, start_timeout_s: float = 180.0
+) -> Iterator[RayCluster]:
+    """A head (``ray_head``) plus ``workers`` worker nodes on loopback; every process stopped on exit.
+
+    Raises:
+        RuntimeError: a node did not start, or the head did not see all nodes alive within ``start_timeout_s``.
+    """
+    with ray_head(num_cpus=head_cpus, start_timeout_s=start_timeout_s) as head:
+        nodes: list[RayWorker] = []
+        try:
+            for i in range(workers):
+                nodes.append(start_worker(head, f"worker{i + 1}", worker_cpus, start_timeout_s))
+            deadline = time.monotonic() + start_timeout_s
+            while len(alive_nodes(head)) < workers + 1:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {len(alive_nodes(head))} of {workers + 1} nodes alive")
+                time.sleep(0.5)
+            yield RayCluster(head=head, workers=nodes)
+        finally:
+            for node in nodes:
+                kill_node(node)
+                shutil.rmtree(node.temp_dir, ignore_errors=True)
 
 
 def _read(path: Path) -> str:
