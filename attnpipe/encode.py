@@ -29,7 +29,7 @@ import ray
 from attnpipe import fs, store
 from attnpipe.config import Config, from_dict
 from attnpipe.data.decode import decode_batch
-from attnpipe.data.gpu_decode import encoders_decode
+from attnpipe.data.gpu_decode import decode_and_encode, encoders_decode
 from attnpipe.data.readers import read_unit
 from attnpipe.data.shards import Shard, discover, read_units
 from attnpipe.models.backbones import weights_fingerprint
@@ -102,9 +102,7 @@ class EncodeActor:
         Chunks are decoded on the GPU as the runner pulls them, so decoding chunk i+1 overlaps the model on chunk i.
         """
         assert self.decoder is not None
-        errors = list(batch["error"])
-        chunks = self.decoder.chunks(batch["data"], errors, self.runner.batch_size or len(errors))
-        out = self.runner.run_chunks(pixels for _, pixels in chunks)
+        out, errors = decode_and_encode(self.decoder, self.runner, batch["data"], batch["error"])
         rest = {k: v for k, v in batch.items() if k not in ("data", "error")}
         rest["error"] = np.array(errors, dtype=object)
         rest["status"] = np.array(["ok" if e is None else "error" for e in errors], dtype=object)

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attnpipe.config import DECODE_MODES
 from attnpipe.data.decode import DecodeError, decode_image
 
+DECODE_MODES = ("auto", "cpu", "gpu")  # data.decode
 PIXEL_BUDGET = 1 << 27  # decoded pixels per decode_jpeg call (128 Mpx: 384 MiB uint8, 1.5 GiB as float for resizing)
 _FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman: what nvJPEG and libjpeg-turbo both take
 
@@ -272,6 +272,19 @@ class TorchDecoder:
         if decoded:
             pixels = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2)  # (k, S, S, 3) -> (k, 3, S, S)
             out[torch.as_tensor(where, device=self.device)] = pixels.to(self.device)
+
+
+def decode_and_encode(decoder: TorchDecoder, runner, datas: Sequence[bytes | None], errors: Sequence[str | None]):
+    """The GPU encoder actor's loop: decode ``runner.batch_size`` rows at a time while the runner encodes the last.
+
+    ``runner`` is an :class:`~attnpipe.models.encoder.EncoderRunner`; the decoder is pulled lazily by its
+    ``run_chunks``, so decoding chunk i+1 (host work and nvJPEG) overlaps with the model on chunk i. Returns
+    ``(model outputs of the ok rows in row order, errors of all rows)``.
+    """
+    errors = list(errors)
+    chunks = decoder.chunks(datas, errors, runner.batch_size or max(len(errors), 1))
+    out = runner.run_chunks(pixels for _, pixels in chunks)
+    return out, errors
 
 
 def _by_pixels(jobs: list[tuple[int, JpegInfo]]) -> Iterator[list[tuple[int, JpegInfo]]]:

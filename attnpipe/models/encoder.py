@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnpipe.config import ModelConfig
 from attnpipe.models import artifact
 from attnpipe.models.backbones import build_backbone
+from attnpipe.models.config import ModelConfig
 from attnpipe.models.pooling import attention_stats, build_pooling
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
