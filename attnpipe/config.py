@@ -27,7 +27,6 @@ class ConfigError(ValueError):
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DECODE_MODES = ("auto", "cpu", "gpu")  # data.decode; attnpipe.data.gpu_decode implements them
 UNFREEZE = ("none", "last", "all")
 LOSSES = ("normsoftmax",)
 
@@ -188,6 +187,8 @@ def validate(cfg: Config) -> None:
             "(.safetensors or a torch state dict)"
         )
     if e.precision not in PRECISIONS:
+    from attnpipe.data.gpu_decode import DECODE_MODES  # its owner, which imports torch
+
         raise ConfigError(f"encode.precision={e.precision!r}; allowed: {', '.join(PRECISIONS)}")
     if d.decode not in DECODE_MODES:
         raise ConfigError(f"data.decode={d.decode!r}; allowed: {', '.join(DECODE_MODES)}")
