@@ -97,7 +97,8 @@ def _lease(uri: str, command: str, stale_after_s: float) -> Iterator[dict]:
         holder = read_owner(uri) if fs.exists(uri) else None
         if holder is not None:
             age = time.time() - float(holder.get("heartbeat_unix") or 0)
-            if age <= stale_after_s:
+            local = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+            if age <= stale_after_s and not (local and not _alive(holder["pid"])):  # a dead owner here: stale now
                 raise LockHeld(_held_message(fs.display(uri), holder, stale_after_s))
             print(f"lock: taking over {fs.display(uri)}: no heartbeat for {age:.0f} s", file=sys.stderr)
         fs.write_json(uri, owner)
