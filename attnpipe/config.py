@@ -187,9 +187,9 @@ def validate(cfg: Config) -> None:
             "(.safetensors or a torch state dict)"
         )
     if e.precision not in PRECISIONS:
+        raise ConfigError(f"encode.precision={e.precision!r}; allowed: {', '.join(PRECISIONS)}")
     from attnpipe.data.gpu_decode import DECODE_MODES  # its owner, which imports torch
 
-        raise ConfigError(f"encode.precision={e.precision!r}; allowed: {', '.join(PRECISIONS)}")
     if d.decode not in DECODE_MODES:
         raise ConfigError(f"data.decode={d.decode!r}; allowed: {', '.join(DECODE_MODES)}")
     if not isinstance(e.compile, bool):
