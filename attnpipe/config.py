@@ -91,16 +91,15 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     """
     raw: dict[str, Any] = {}
     if path:
-        if not os.path.isfile(path):
-            raise ConfigError(
-                f"config file {path!r} " + ("is not a file" if os.path.exists(path) else "does not exist")
-            )
+        from attnpipe import fs
+
+        if not fs.is_file(path):
+            raise ConfigError(f"config file {path!r} " + ("is not a file" if fs.exists(path) else "does not exist"))
         try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
+            loaded = yaml.safe_load(fs.read_text(path)) or {}
         except yaml.YAMLError as exc:  # the message carries the line and column
             raise ConfigError(f"config file {path!r} is not valid YAML: {' '.join(str(exc).split())}") from None
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError) as exc:
             raise ConfigError(f"config file {path!r} cannot be read: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(loaded).__name__}")

@@ -155,7 +155,9 @@ class Run:
 
     def discard(self, listed: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
         """Delete this run's staging area and its parts that ``listed`` does not name; returns the deleted parts."""
-        gone = [n for n in fs.listdir(self.out) if owned_by(n, self.token) and n not in listed]
+        live = _manifest_or_none(self.out)
+        keep = set(listed) | (set(part_numbers(live)) if live else set())  # never a part a manifest lists
+        gone = [n for n in fs.listdir(self.out) if owned_by(n, self.token) and n not in keep]
         for name in gone:
             fs.delete_file(fs.join(self.out, name))
         fs.delete_dir(self.dir)
