@@ -9,6 +9,7 @@ not covered.
 from __future__ import annotations
 
 import copy
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,33 @@ def test_corrupted_copies_fail_validation(config: dict[str, Any], corrupt, error
     corrupt(bad)
     with pytest.raises(error, match=match):
         _validate(bad)
+
+
+def _header_submit_command() -> list[str]:
+    """The `ray job submit` example in cluster.yaml's header comment, as argv (continuation lines joined)."""
+    lines = [ln.removeprefix("#").strip() for ln in CLUSTER_YAML.read_text().splitlines() if ln.startswith("#")]
+    start = next(i for i, ln in enumerate(lines) if "ray job submit" in ln)
+    text = ""
+    for ln in lines[start:]:
+        text += " " + ln.removesuffix("\\")
+        if not ln.endswith("\\"):
+            break
+    return shlex.split(text)
+
+
+def test_header_submits_a_gpu_encode_between_s3_uris() -> None:
+    # The documented command is a real one: attnpipe's own parser and config loader accept it, it reads and writes
+    # S3, and it asks for GPUs (what makes the autoscaler start gpu_worker nodes from zero).
+    from attnpipe.cli import build_parser
+    from attnpipe.config import EncodeConfig, load_config
+
+    argv = _header_submit_command()
+    entry = argv[argv.index("--") + 1 :]
+    assert entry[:2] == ["python", "jobs/encode.py"], entry
+    assert (CLUSTER_YAML.parent / entry[1]).is_file()
+    args = build_parser().parse_args(["encode", *entry[2:]])
+    assert all(u.startswith("s3://") for u in [*args.input, args.out]), (args.input, args.out)
+    if "device" not in EncodeConfig.__dataclass_fields__:
+        pytest.skip("encode.device is not a config key yet (being added)")
+    cfg = load_config(args.config, args.overrides)
+    assert cfg.encode.device == "cuda"
