@@ -29,7 +29,7 @@ import ray
 from attnpipe import fs, store
 from attnpipe.config import Config, from_dict
 from attnpipe.data.decode import decode_batch
-from attnpipe.data.gpu_decode import decode_and_encode, encoders_decode
+from attnpipe.data.gpu_decode import GPU_DECODE_CHUNKS, decode_and_encode, encoders_decode
 from attnpipe.data.readers import read_unit
 from attnpipe.data.shards import Shard, discover, read_units
 from attnpipe.models.backbones import weights_fingerprint
@@ -309,13 +309,15 @@ def build_dataset(shards, cfg: Config, units: list[dict] | None = None) -> ray.d
     ds: ray.data.Dataset = ray.data.from_items(units, override_num_blocks=max(len(units), 1))
     read = functools.partial(_read_batch, max_bytes=d.max_bytes)
     ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow")
-    if not encoders_decode(d.decode, gpus):  # else raw JPEG bytes travel to the GPU actors (nvJPEG there)
+    on_gpu = encoders_decode(d.decode, gpus)  # raw JPEG bytes travel to the GPU actors (nvJPEG there)
+    if not on_gpu:
         decode = functools.partial(decode_batch, size=d.image_size, max_pixels=d.max_pixels)
         ds = ds.map_batches(decode, batch_size=e.decode_batch_size, batch_format="numpy")
     return ds.map_batches(
         EncodeActor,
         fn_constructor_kwargs={"config": cfg.to_dict()},
-        batch_size=e.batch_size,
+        # decoding actors get GPU_DECODE_CHUNKS chunks per call: decoding chunk i+1 overlaps the model on chunk i
+        batch_size=e.batch_size * (GPU_DECODE_CHUNKS if on_gpu else 1),
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pool),
         num_gpus=1 if gpus else 0,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from attnpipe.data.decode import decode_batch, decode_image
-from attnpipe.data.gpu_decode import TorchDecoder, decode_and_encode, resolve_decode
+from attnpipe.data.gpu_decode import GPU_DECODE_CHUNKS, TorchDecoder, decode_and_encode, resolve_decode
 from attnpipe.data.readers import read_unit
 from attnpipe.data.sample import make_sample
 from attnpipe.data.shards import discover, read_units
@@ -93,8 +93,9 @@ def end_to_end_no_ray(data_dir: str, runner: EncoderRunner, size: int, batch: in
     start = time.perf_counter()
     rows = raw_rows(data_dir)  # reading is part of end to end
     n = 0
-    for s in range(0, len(rows), batch):
-        chunk = rows[s : s + batch]
+    step = batch * GPU_DECODE_CHUNKS if gpu else batch  # what build_dataset hands each actor call
+    for s in range(0, len(rows), step):
+        chunk = rows[s : s + step]
         datas, errors = [r["data"] for r in chunk], [r["error"] for r in chunk]
         if decoder is not None:
             out, errors = decode_and_encode(decoder, runner, datas, errors)

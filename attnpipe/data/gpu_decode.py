@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from attnpipe.data.decode import DecodeError, decode_image
 
 DECODE_MODES = ("auto", "cpu", "gpu")  # data.decode
+GPU_DECODE_CHUNKS = 4  # encoder batches per call of a decoding actor (the pipeline's depth; a call's last chunk waits)
 PIXEL_BUDGET = 1 << 27  # decoded pixels per decode_jpeg call (128 Mpx: 384 MiB uint8, 1.5 GiB as float for resizing)
 _FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman: what nvJPEG and libjpeg-turbo both take
 
@@ -192,8 +193,9 @@ class TorchDecoder:
         if self.stream is None:
             pixels = self._decode(datas, errors)
         else:
+            # No wait on the caller's stream: decoding needs none of its work, and waiting would serialize this
+            # chunk's decode behind the model on the previous one.
             caller = torch.cuda.current_stream(self.device)
-            self.stream.wait_stream(caller)
             with torch.cuda.stream(self.stream):
                 pixels = self._decode(datas, errors)
             caller.wait_stream(self.stream)  # a device-side wait: the host goes on
@@ -226,8 +228,8 @@ class TorchDecoder:
         refused = [i for chunk in _by_pixels(jobs) for i in self._decode_jpegs(datas, chunk, out)]
         self.stats["torch"] += len(jobs) - len(refused)
         self._decode_cpu(datas, sorted(fallback + refused), errors, out)
-        ok = torch.as_tensor([e is None for e in errors], device=self.device)
-        return out[ok].permute(0, 2, 3, 1)  # (n_ok, 3, S, S) -> (n_ok, S, S, 3), a channels_last view
+        keep = torch.as_tensor([i for i, e in enumerate(errors) if e is None], dtype=torch.long, device=self.device)
+        return out[keep].permute(0, 2, 3, 1)  # (n_ok, 3, S, S) -> (n_ok, S, S, 3), a channels_last view
 
     def _decode_jpegs(self, datas: Sequence[bytes | None], chunk: list[tuple[int, JpegInfo]], out: torch.Tensor):
         """Decode + resize + orient one chunk into ``out``; returns the rows decode_jpeg refused."""
