@@ -74,6 +74,8 @@ def reindex(
     with exclusive(fs.join(root, LOCK), command), exclusive(fs.join(embeddings, LOCK), command):
         for gone in layout.clean_leftovers(root):
             _log(f"removed {gone}: left by a killed run")
+        if fs.is_file(fs.join(root, layout.CURRENT)) and (repaired := layout.repair_current(root)):
+            _log(f"{layout.CURRENT} was damaged or named a broken version: it names {repaired} again")
         old = store.read_manifest(embeddings) if fs.is_file(fs.join(embeddings, store.MANIFEST)) else None
         known = {s["name"]: s for s in old["shards"]} if old else {}
         shards = discover(inputs, known)

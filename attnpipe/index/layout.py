@@ -94,7 +94,10 @@ def clean_leftovers(root: str) -> list[str]:
 
     Both are named by attnpipe's own patterns (``.v<N>.staging-*``, ``v<N>/``) inside an index root.
     """
-    live = read_current(root)[0] if fs.is_file(fs.join(root, CURRENT)) else None
+    try:
+        live = read_current(root)[0]
+    except IndexLayoutError:  # missing or damaged: versions without a manifest are incomplete all the same
+        live = None
     gone = []
     for d in fs.listdir(root):
         partial = _VERSION.match(d) and d != live and not fs.is_file(fs.join(root, d, MANIFEST))
