@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from attnpipe.data.decode import DecodeError, decode_image
 
+Members = Sequence[bytes | None] | np.ndarray  # member bytes per row (a Ray numpy batch column is an object array)
 DECODE_MODES = ("auto", "cpu", "gpu")  # data.decode
 GPU_DECODE_CHUNKS = 4  # encoder batches per call of a decoding actor (the pipeline's depth; a call's last chunk waits)
 PIXEL_BUDGET = 1 << 27  # decoded pixels per decode_jpeg call (128 Mpx: 384 MiB uint8, 1.5 GiB as float for resizing)
@@ -183,7 +184,7 @@ class TorchDecoder:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.stats = {"torch": 0, "fallback": 0}
 
-    def decode(self, datas: Sequence[bytes | None], errors: Sequence[str | None]) -> tuple[torch.Tensor, list]:
+    def decode(self, datas: Members, errors: Sequence[str | None] | np.ndarray) -> tuple[torch.Tensor, list]:
         """Rows' bytes (and errors already set by the reader) -> ``(pixels of the ok rows, errors for all rows)``.
 
         Rows whose error is set are skipped; a row the decoders refuse gets the CPU decoder's message. Never raises
@@ -202,16 +203,14 @@ class TorchDecoder:
             pixels.record_stream(caller)  # made on the side stream, used and freed on the caller's
         return pixels, errors
 
-    def chunks(
-        self, datas: Sequence[bytes | None], errors: list, rows: int
-    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    def chunks(self, datas: Members, errors: list, rows: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """``decode`` over ``rows``-sized chunks, lazily: yields ``(ok row numbers, pixels)``; fills ``errors``."""
         for s in range(0, len(datas), rows):
             pixels, errs = self.decode(datas[s : s + rows], errors[s : s + rows])
             errors[s : s + rows] = errs
             yield s + np.flatnonzero([e is None for e in errs]), pixels
 
-    def _decode(self, datas: Sequence[bytes | None], errors: list) -> torch.Tensor:
+    def _decode(self, datas: Members, errors: list) -> torch.Tensor:
         n, size = len(datas), self.size
         out = torch.zeros((n, 3, size, size), dtype=torch.uint8, device=self.device)
         jobs: list[tuple[int, JpegInfo]] = []
@@ -231,20 +230,22 @@ class TorchDecoder:
         keep = torch.as_tensor([i for i, e in enumerate(errors) if e is None], dtype=torch.long, device=self.device)
         return out[keep].permute(0, 2, 3, 1)  # (n_ok, 3, S, S) -> (n_ok, S, S, 3), a channels_last view
 
-    def _decode_jpegs(self, datas: Sequence[bytes | None], chunk: list[tuple[int, JpegInfo]], out: torch.Tensor):
+    def _decode_jpegs(self, datas: Members, chunk: list[tuple[int, JpegInfo]], out: torch.Tensor):
         """Decode + resize + orient one chunk into ``out``; returns the rows decode_jpeg refused."""
-        from torchvision.io import ImageReadMode, decode_jpeg
+        import torchvision  # its io submodule loads with it
+
+        decode_jpeg, rgb = torchvision.io.decode_jpeg, torchvision.io.ImageReadMode.RGB
 
         inputs = [torch.frombuffer(bytearray(datas[i] or b""), dtype=torch.uint8) for i, _ in chunk]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
             try:
-                images: list[torch.Tensor | None] = list(decode_jpeg(inputs, ImageReadMode.RGB, self.device))
+                images: list[torch.Tensor | None] = list(decode_jpeg(inputs, rgb, self.device))
             except RuntimeError:  # nvJPEG fails a whole batch for one bad member: retry one by one
                 images = []
                 for t in inputs:
                     try:
-                        images.append(decode_jpeg(t, ImageReadMode.RGB, self.device))
+                        images.append(decode_jpeg(t, rgb, self.device))
                     except RuntimeError:
                         images.append(None)
         refused = []
@@ -260,7 +261,7 @@ class TorchDecoder:
                 out[chunk[j][0]] = orient(img, chunk[j][1].orientation)
         return refused
 
-    def _decode_cpu(self, datas: Sequence[bytes | None], rows: list[int], errors: list, out: torch.Tensor) -> None:
+    def _decode_cpu(self, datas: Members, rows: list[int], errors: list, out: torch.Tensor) -> None:
         decoded, where = [], []
         for i in rows:
             try:
@@ -276,7 +277,7 @@ class TorchDecoder:
             out[torch.as_tensor(where, device=self.device)] = pixels.to(self.device)
 
 
-def decode_and_encode(decoder: TorchDecoder, runner, datas: Sequence[bytes | None], errors: Sequence[str | None]):
+def decode_and_encode(decoder: TorchDecoder, runner, datas: Members, errors: Sequence[str | None] | np.ndarray):
     """The GPU encoder actor's loop: decode ``runner.batch_size`` rows at a time while the runner encodes the last.
 
     ``runner`` is an :class:`~attnpipe.models.encoder.EncoderRunner`; the decoder is pulled lazily by its

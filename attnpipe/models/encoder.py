@@ -115,7 +115,7 @@ class EncoderRunner:
         self._forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = self.model
         self.compiled = compile
         if compile:
-            self._forward = torch.compile(self.model, dynamic=False)  # type: ignore[assignment]
+            self._forward = torch.compile(self.model, dynamic=False)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
         self._pinned: list[torch.Tensor | None] = [None, None]  # host staging buffers, used in turn
