@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
 
+from attnpipe import fs as _fs
 from attnpipe.models.config import WEIGHTS_KEYWORDS, ModelConfig  # owned by the model component; re-exported here
 
 
@@ -180,7 +180,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.backbone={m.backbone} needs data.image_size=224 (its position embeddings are fixed)")
     if m.pooling not in list_poolings():
         raise ConfigError(f"model.pooling={m.pooling!r} is unknown; allowed: {', '.join(list_poolings())}")
-    if m.weights not in WEIGHTS_KEYWORDS and not os.path.isfile(m.weights):
+    if m.weights not in WEIGHTS_KEYWORDS and not _fs.is_file(m.weights):
         raise ConfigError(
             f"model.weights={m.weights!r} is neither 'none', 'default' nor an existing file "
             "(.safetensors or a torch state dict)"

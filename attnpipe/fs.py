@@ -330,3 +330,40 @@ def _transient(exc: OSError) -> bool:
     text = str(exc).lower()
     signals = ("connection", "timed out", "timeout", "reset", "refused", "503", "500", "502", "504", "slow down")
     return any(s in text for s in signals) or "curl" in text
+
+
+def local_copy(uri: str, siblings: tuple[str, ...] = ()) -> str:
+    """A local path holding the file ``uri`` (itself when local; else a cached download, refreshed when the
+    object's size or mtime changes). Libraries that need a real file (torch, safetensors) read this.
+
+    ``siblings`` are suffix replacements fetched beside it when they exist (e.g. ``(".json",)`` for a weights
+    file's sidecar: ``head.safetensors`` -> ``head.json``).
+    """
+    if is_local(uri):
+        return resolve(uri)[1]
+    base = os.environ.get("ATTNPIPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnpipe")
+    folder = os.path.join(base, "files", hashlib.sha256(parent(uri).encode()).hexdigest()[:16])
+    local = os.path.join(folder, basename(uri))
+    for src, dst in [(uri, local)] + [(_with_suffix(uri, s), _with_suffix(local, s)) for s in siblings]:
+        meta = info(src)
+        if meta.type != pafs.FileType.File:
+            continue
+        stamp = f"{meta.size}:{meta.mtime_ns}"
+        if not os.path.isfile(dst) or _read_stamp(dst) != stamp:
+            download(src, dst)
+            with open(f"{dst}.stamp", "w") as f:
+                f.write(stamp)
+    return local
+
+
+def _with_suffix(uri: str, suffix: str) -> str:
+    base, sep, query = uri.partition("?") if "://" in uri else (uri, "", "")
+    return f"{os.path.splitext(base)[0]}{suffix}{sep}{query}"
+
+
+def _read_stamp(path: str) -> str:
+    try:
+        with open(f"{path}.stamp") as f:
+            return f.read()
+    except OSError:
+        return ""

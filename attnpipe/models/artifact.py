@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 
+from attnpipe.models.config import local_weights
 from attnpipe.store import sha256_file
 
 FORMAT = "attnpipe.encoder"
@@ -45,6 +46,7 @@ def read_sidecar(weights: str) -> dict | None:
     Raises:
         ArtifactError: the sidecar claims to be ours but has an unsupported version or lacks required fields.
     """
+    weights = local_weights(weights)
     if not weights.endswith(".safetensors") or not os.path.isfile(sidecar_path(weights)):
         return None
     try:
@@ -115,6 +117,7 @@ def load_encoder_state(encoder, weights: str, meta: dict) -> None:
     Raises:
         ArtifactError: fingerprint mismatch (a modified or swapped file) or a state that does not fit the encoder.
     """
+    weights = local_weights(weights)
     from safetensors.torch import load_file
 
     digest = file_sha256(weights)

@@ -21,6 +21,8 @@ import torch
 import torchvision
 from torch import nn
 
+from attnpipe.models.config import local_weights
+
 # name prefix -> function(model) -> (feature extractor, channels)
 _FAMILIES: dict[str, Callable[[nn.Module], tuple[nn.Module, int]]] = {}
 
@@ -117,7 +119,7 @@ def build_backbone(name: str, weights: str = "none", seed: int = 0) -> tuple[nn.
     if weights == "default":
         model.load_state_dict(_cached_default_state(name))
     elif weights != "none":
-        _load_file(model, weights)
+        _load_file(model, local_weights(weights))
     trunk, channels = fam(model)
     return trunk.eval(), channels
 
@@ -146,6 +148,7 @@ def check_weights(name: str, weights: str) -> None:
     Raises:
         ValueError: what is wrong and what to do instead.
     """
+    weights = local_weights(weights)
     if weights == "none":
         return
     if weights == "default":

@@ -27,3 +27,13 @@ class ModelConfig:
     def random_weights(self) -> bool:
         """True when the backbone is randomly initialized: embeddings then carry little semantic signal."""
         return self.weights == "none"
+
+
+def local_weights(weights: str) -> str:
+    """``model.weights`` as a local file torch/safetensors can open: keywords as they are, a URI (``s3://...``) as a
+    cached download (with its ``.json`` sidecar when it is an ``attnpipe train`` artifact)."""
+    if weights in WEIGHTS_KEYWORDS:
+        return weights
+    from attnpipe import fs
+
+    return fs.local_copy(weights, siblings=(".json",))
