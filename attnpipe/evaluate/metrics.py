@@ -211,26 +211,25 @@ def read_qrels(path: str) -> dict[str, set[str]]:
         ValueError: on a line without exactly four fields or with a non-integer relevance (with its line number).
         OSError: when the file cannot be read.
     """
+    from attnpipe import fs  # a local path or an object-store URI
+
     out: dict[str, set[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 4:
-                raise ValueError(
-                    f"{path}:{n}: expected 'qid 0 docid rel' (4 fields), got {len(fields)}: {line.strip()!r}"
-                )
-            qid, _, doc, rel = fields
-            try:
-                grade = int(rel)
-            except ValueError:
-                raise ValueError(f"{path}:{n}: relevance must be an integer, got {rel!r}") from None
-            docs = out.setdefault(qid, set())
-            if grade > 0:
-                docs.add(doc)
-            else:
-                docs.discard(doc)
+    for n, line in enumerate(fs.read_text(path).splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 4:
+            raise ValueError(f"{path}:{n}: expected 'qid 0 docid rel' (4 fields), got {len(fields)}: {line.strip()!r}")
+        qid, _, doc, rel = fields
+        try:
+            grade = int(rel)
+        except ValueError:
+            raise ValueError(f"{path}:{n}: relevance must be an integer, got {rel!r}") from None
+        docs = out.setdefault(qid, set())
+        if grade > 0:
+            docs.add(doc)
+        else:
+            docs.discard(doc)
     return out
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 
+from attnpipe import fs
 from attnpipe.config import Config
 from attnpipe.models.artifact import read_sidecar, sidecar_path
 from attnpipe.train import checkpoint as ckpt
@@ -58,8 +59,21 @@ def train_head(
         attnpipe.train.checkpoint.CheckpointMismatch: the checkpoint at ``out`` belongs to another run.
     """
     start = time.perf_counter()
-    if not out.endswith(".safetensors"):
+    if not fs.display(out).endswith(".safetensors"):
         raise ValueError(f"--out must name a .safetensors file (the trained encoder), got {out!r}")
+    if not fs.is_local(out):  # train beside a local cache copy (checkpoints stay there), then upload the artifact
+        summary = train_head(
+            inputs,
+            _local_target(out),
+            cfg,
+            resume=resume,
+            ray_address=ray_address,
+            progress=progress,
+            _crash_after=_crash_after,
+        )
+        fs.write_bytes(out, fs.read_bytes(summary["weights"]))  # weights first, the sidecar names them: last
+        fs.write_bytes(sidecar_path(out), fs.read_bytes(summary["sidecar"]))
+        return {**summary, "weights": out, "sidecar": sidecar_path(out)}
     data = load_labeled(inputs, cfg.data)
     train_rows, val_rows = split_holdout(data.labels, cfg.train.val_fraction, cfg.train.seed)
     compat = ckpt.compat_record(cfg, data.classes, data.fingerprint())
@@ -103,3 +117,13 @@ def train_for_demo(inputs: list[str], out: str, cfg: Config, epochs: int = 5) ->
     """A short schedule for the demo (at most ``epochs`` epochs, patience 2, starting over); returns the weights."""
     t = dataclasses.replace(cfg.train, epochs=min(cfg.train.epochs, epochs), patience=2)
     return train_head(inputs, out, dataclasses.replace(cfg, train=t), resume=False)["weights"]
+
+
+def _local_target(out: str) -> str:
+    """Where a run for the object-store artifact ``out`` trains and keeps its checkpoints on this machine."""
+    import hashlib
+    import os
+
+    base = os.environ.get("ATTNPIPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnpipe")
+    key = hashlib.sha256(fs.display(out).encode()).hexdigest()[:16]
+    return os.path.join(base, "train", key, fs.basename(out))
