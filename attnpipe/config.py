@@ -21,6 +21,8 @@ import yaml
 from attnpipe import fs as _fs
 from attnpipe.models.config import WEIGHTS_KEYWORDS, ModelConfig  # owned by the model component; re-exported here
 
+DEVICES = ("auto", "cuda", "cpu")
+
 
 class ConfigError(ValueError):
     """A config file, key or value is wrong; the message says what to fix."""
@@ -43,7 +45,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class EncodeConfig:
     batch_size: int = 64
-    num_encoders: int = 0  # 0 = one per GPU, else one CPU actor
+    num_encoders: str = "0"  # "N" or "min,max" (elastic pool); 0 = one per GPU (one CPU actor without GPUs)
+    device: str = "auto"  # auto = GPU when the cluster has one now; cuda = request GPUs (autoscaling from zero); cpu
+    gpus_per_encoder: float = 1.0  # GPUs each encoder requests (0.5 = two encoders share a GPU)
     precision: str = "auto"  # auto = bf16 on GPU and on CPUs with native bf16, else fp32
     decode_batch_size: int = 64
     threads: int = 0  # torch threads in a CPU encoder; 0 = all cores of its node
@@ -200,7 +204,13 @@ def validate(cfg: Config) -> None:
     _positive("encode.batch_size", e.batch_size, maximum=65536)
     _positive("encode.decode_batch_size", e.decode_batch_size, maximum=65536)
     _positive("encode.rows_per_file", e.rows_per_file)
-    _positive("encode.num_encoders", e.num_encoders, minimum=0)
+    encoder_pool(e.num_encoders)  # raises ConfigError on a bad value
+    if e.device not in DEVICES:
+        raise ConfigError(f"encode.device={e.device!r}; allowed: {', '.join(DEVICES)}")
+    if not 0 < e.gpus_per_encoder <= 8:
+        raise ConfigError(
+            f"encode.gpus_per_encoder must be in (0, 8] (fractions share a GPU), got {e.gpus_per_encoder}"
+        )
     _positive("encode.threads", e.threads, minimum=0)
     _validate_train(cfg.train)
     _check_weights(cfg)
@@ -255,6 +265,22 @@ def _check_weights(cfg: Config) -> None:
         check_weights(cfg.model.backbone, cfg.model.weights)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def encoder_pool(spec: str) -> tuple[int, int]:
+    """``encode.num_encoders`` -> ``(min, max)`` actors: ``"N"`` -> ``(N, N)``, ``"2,8"`` -> ``(2, 8)``; 0 = auto.
+
+    Raises:
+        ConfigError: not ``N`` or ``min,max`` with ``0 <= min <= max``.
+    """
+    parts = [p.strip() for p in str(spec).split(",")]
+    try:
+        lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (-1, -1)
+    except ValueError:
+        lo = hi = -1
+    if lo < 0 or hi < lo or (len(parts) == 2 and lo == 0):
+        raise ConfigError(f"encode.num_encoders must be N or min,max (e.g. 2,8) with 1 <= min <= max, got {spec!r}")
+    return lo, hi
 
 
 def _positive(name: str, value: int, minimum: int = 1, maximum: int | None = None) -> None:

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import ray
 
 from attnpipe import fs, store
-from attnpipe.config import Config, from_dict
+from attnpipe.config import Config, encoder_pool, from_dict
 from attnpipe.data.decode import decode_batch
 from attnpipe.data.gpu_decode import GPU_DECODE_CHUNKS, decode_and_encode, encoders_decode
 from attnpipe.data.readers import read_unit
@@ -48,7 +48,10 @@ class EncodeActor:
 
         cfg = from_dict(config)
         e = cfg.encode
-        self.runner = EncoderRunner(cfg.model, e.precision, e.threads, batch_size=e.batch_size, compile=e.compile)
+        device = _actor_device(e.device)
+        self.runner = EncoderRunner(
+            cfg.model, e.precision, e.threads, batch_size=e.batch_size, compile=e.compile, device=device
+        )
         size = cfg.data.image_size
         self.size, self.max_pixels = size, cfg.data.max_pixels
         # Raw rows (``data``) arrive when build_dataset leaves decoding to the encoders: nvJPEG on this GPU, or the
@@ -112,6 +115,19 @@ class EncodeActor:
 def _strings(values: np.ndarray) -> pa.Array:
     """A string column from a numpy batch; an all-null column arrives as float NaNs (Arrow null type)."""
     return pa.array([v if isinstance(v, str) else None for v in values], pa.string())
+
+
+def _actor_device(device: str) -> str | None:
+    """The torch device of an encoder actor; ``cuda`` on a node without a usable GPU fails naming the node."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"encode.device=cuda but the encoder landed on node {ray.util.get_node_ip_address()} without a "
+                "usable CUDA GPU (check the node's drivers and its GPU resource); refusing to encode on CPU"
+            )
+    return None if device == "auto" else device
 
 
 def _with_tracking(table: pa.Table, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -305,11 +321,14 @@ def build_dataset(shards, cfg: Config, units: list[dict] | None = None) -> ray.d
     d, e = cfg.data, cfg.encode
     units = units if units is not None else plan_units(shards, cfg)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    pool = e.num_encoders or max(gpus, 1)
+    use_gpu = e.device == "cuda" or (e.device == "auto" and gpus > 0)
+    lo, hi = encoder_pool(e.num_encoders)
+    if hi == 0:  # auto: one encoder per GPU present now (at least one), one CPU encoder without GPUs
+        lo = hi = max(int(gpus / e.gpus_per_encoder), 1) if use_gpu else 1
     ds: ray.data.Dataset = ray.data.from_items(units, override_num_blocks=max(len(units), 1))
     read = functools.partial(_read_batch, max_bytes=d.max_bytes)
     ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow")
-    on_gpu = encoders_decode(d.decode, gpus)  # raw JPEG bytes travel to the GPU actors (nvJPEG there)
+    on_gpu = encoders_decode(d.decode, gpus if use_gpu else 0)  # raw JPEG bytes travel to the GPU actors (nvJPEG there)
     if not on_gpu:
         decode = functools.partial(decode_batch, size=d.image_size, max_pixels=d.max_pixels)
         ds = ds.map_batches(decode, batch_size=e.decode_batch_size, batch_format="numpy")
@@ -319,8 +338,10 @@ def build_dataset(shards, cfg: Config, units: list[dict] | None = None) -> ray.d
         # decoding actors get GPU_DECODE_CHUNKS chunks per call: decoding chunk i+1 overlaps the model on chunk i
         batch_size=e.batch_size * (GPU_DECODE_CHUNKS if on_gpu else 1),
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool),
-        num_gpus=1 if gpus else 0,
+        # min < max: an elastic pool that grows as (autoscaled) nodes arrive; cuda requests GPUs even when the
+        # cluster has none yet, so Ray's autoscaler brings GPU workers up from zero
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        num_gpus=e.gpus_per_encoder if use_gpu else 0,
         num_cpus=1,  # a scheduling token: a CPU encoder uses all cores through torch threads
     )
 

@@ -156,3 +156,32 @@ def test_cli_exits_2_with_a_message_and_no_traceback(tmp_path, capfd):
         assert code == 2, (argv, err)
         assert message in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "out").exists()  # nothing was started or written
+
+
+def test_encoder_pool_and_device_settings():
+    from attnpipe.config import encoder_pool
+
+    assert encoder_pool("0") == (0, 0) and encoder_pool("3") == (3, 3) and encoder_pool("2, 8") == (2, 8)
+    cfg = load_config(None, ["encode.num_encoders=1,4", "encode.device=cuda", "encode.gpus_per_encoder=0.5"])
+    assert (cfg.encode.num_encoders, cfg.encode.device, cfg.encode.gpus_per_encoder) == ("1,4", "cuda", 0.5)
+    for bad in ("encode.num_encoders=4,2", "encode.num_encoders=a", "encode.num_encoders=0,3", "encode.device=tpu",
+                "encode.gpus_per_encoder=0", "encode.gpus_per_encoder=16"):  # fmt: skip
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])
+
+
+@pytest.mark.ray
+def test_cuda_encoders_request_gpus_even_without_gpu_nodes(ray_session, sample_inputs):
+    """device=cuda asks Ray for GPUs (the autoscaler's signal), elastic min..max; on a node without CUDA it fails
+    naming the node instead of encoding on CPU."""
+    from attnpipe.data.shards import discover
+    from attnpipe.encode import _actor_device, build_dataset
+
+    cfg = load_config(None, ["encode.device=cuda", "encode.num_encoders=1,3", "encode.gpus_per_encoder=0.5"])
+    ds = build_dataset(discover([sample_inputs["tar"]]), cfg)
+    op = ds._logical_plan.dag  # the encoder stage, not executed (this machine has no GPU)
+    assert op.ray_remote_args.get("num_gpus") == 0.5
+    assert (op.compute.min_size, op.compute.max_size) == (1, 3)
+    with pytest.raises(RuntimeError, match="encode.device=cuda but the encoder landed on node"):
+        _actor_device("cuda")
+    assert _actor_device("auto") is None and _actor_device("cpu") == "cpu"
