@@ -31,6 +31,7 @@ from attnpipe.evaluate import exact
 from attnpipe.evaluate.metrics import DEFAULT_KS, ranking_metrics, read_qrels
 from attnpipe.index import faiss_index as fx
 from attnpipe.index import layout
+from attnpipe.index.build import ok_counts
 
 QUERY_BATCH = 512
 TUNE_K = 10
@@ -50,11 +51,6 @@ class Queries:
     @property
     def self_fids(self) -> np.ndarray | None:
         return self.fids if self.leave_one_out else None
-
-
-def ok_counts(ds: store.Dataset) -> list[int]:
-    """Ok rows of every part (from the manifest; read from the part for manifests without per-part counts)."""
-    return [p.ok if p.ok >= 0 else store.read_part(ds.path, p, ["status"], ok_only=True).num_rows for p in ds.parts()]
 
 
 def evaluate(
