@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 
@@ -27,9 +26,8 @@ from attnpipe.index.layout import IndexLayoutError
 from attnpipe.lock import LockHeld
 from attnpipe.train.command import add_train_arguments, run_train_command
 
-DEMO_DIR = "attnpipe-demo"
+DEMO_DIR = "attnpipe-demo"  # = attnpipe.pipeline.DEMO_DIR (not imported: --help stays light)
 MAX_K = 100_000  # search -k: more results than anyone reads; a typo like -k 10000000 fails fast
-DEMO_SETTINGS = ("model.backbone=resnet18", "model.pooling=attn", "data.image_size=160")
 logger = log.get_logger("attnpipe.cli")
 
 
@@ -363,6 +361,7 @@ def _ks(text: str) -> tuple[int, ...]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from attnpipe import fs
     from attnpipe.evaluate.runner import evaluate, headline
 
     ks = _ks(args.k)
@@ -382,8 +381,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     summary = {
-        "metrics": os.path.join(args.out, "metrics.json"),
-        "report": os.path.join(args.out, "report.html"),
+        "metrics": fs.join(args.out, "metrics.json"),
+        "report": fs.join(args.out, "report.html"),
         "exact": metrics["exact"],
         "faiss": metrics.get("faiss"),
         "lsh": metrics.get("lsh"),
@@ -429,81 +428,13 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from attnpipe.data.sample import make_sample
-    from attnpipe.encode import encode
-    from attnpipe.evaluate.runner import evaluate, headline
-    from attnpipe.index.build import build_index
+    from attnpipe.pipeline import DEMO_SETTINGS, run_pipeline
 
     overrides = [*DEMO_SETTINGS, *args.overrides] if not args.config else args.overrides
     cfg = load_config(args.config, overrides)
-    inputs = args.input
-    if not inputs:
-        data = os.path.join(args.workdir, "data")
-        if not os.path.isdir(data):
-            make_sample(data, fmt="tar", n=args.n, num_shards=4, image_size=128, broken=True)
-            logger.info("made a sample dataset of %d images (+ a shard of broken ones) in %s", args.n, data)
-        inputs = [data]
-    if args.train if args.train is not None else not args.input:
-        cfg = _demo_training(cfg, args)
-    emb = os.path.join(args.workdir, "embeddings")
-    summary = encode(inputs, emb, cfg, overwrite=True, ray_address=args.ray_address)
-    root = os.path.join(args.workdir, "index")
-    manifest = build_index(emb, root, lsh="both")
-    report_dir = os.path.join(args.workdir, "eval")
-    metrics = evaluate(emb, root, report_dir, num_queries=200)
-    result = {
-        "embeddings": summary,
-        "index": {
-            "root": root,
-            "version": manifest["version"],
-            "count": manifest["count"],
-            "factory": manifest["faiss"]["factory"],
-            "recall@10": manifest["faiss"]["recall@10"],
-        },
-        "eval": {"report": os.path.join(report_dir, "report.html"), **_headline_numbers(metrics)},
-    }
-    logger.info("\n%s", headline(metrics))
-    logger.info("report: %s", os.path.abspath(os.path.join(report_dir, "report.html")))
-    logger.info("try:    attnpipe search --index %s --id %s", root, _first_ok_id(emb))
+    result = run_pipeline(cfg, args.workdir, args.input, args.n, args.train, args.ray_address)
     _emit(args, result)
     return 0
-
-
-def _demo_training(cfg, args: argparse.Namespace):
-    """Fit the head with a short schedule and return the config that encodes with it.
-
-    On the generated sample it trains on a second sample (another seed), so the evaluation is on unseen images.
-    """
-    import dataclasses
-
-    from attnpipe.data.sample import make_sample
-    from attnpipe.train import train_for_demo
-
-    if cfg.model.pooling not in ("attn", "mha", "gem") and cfg.train.unfreeze == "none":
-        logger.info("run: model.pooling=%s has nothing to train; skipping training", cfg.model.pooling)
-        return cfg
-    train_inputs = args.input
-    if not train_inputs:
-        train_inputs = [os.path.join(args.workdir, "train-data")]
-        if not os.path.isdir(train_inputs[0]):
-            make_sample(train_inputs[0], fmt="tar", n=args.n, num_shards=2, image_size=128, seed=1)
-    weights = train_for_demo(train_inputs, os.path.join(args.workdir, "head.safetensors"), cfg)
-    logger.info("run: trained %s head -> %s", cfg.model.pooling, weights)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=weights))
-
-
-def _headline_numbers(metrics: dict) -> dict:
-    keep = ("map@r", "precision@1", "ndcg@10", "recall_vs_exact@10", "qps", "candidate_recall@10")
-    return {
-        section: {k: round(v, 4) for k, v in metrics[section].items() if k in keep}
-        for section in ("exact", "faiss", "lsh")
-        if section in metrics
-    }
-
-
-def _first_ok_id(embeddings: str) -> str:
-    ids, _ = store.load_vectors(embeddings)
-    return ids[0] if ids else "<id>"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
