@@ -177,8 +177,10 @@ def test_s3_server_restart_mid_write(ray_session, s3_server) -> None:
 
         summary = encode([data], out, cfg)
         assert summary["resumed_shards"] >= 1, summary
+        print(f"S3 restart: the run failed ({type(run.error).__name__}); the rerun resumed {summary['resumed_shards']}")
     else:
         summary = run.summary
+        print("S3 restart: the run finished (transient errors retried)")
     assert summary is not None and summary["rows"] == len(ids), summary
     assert_exact(out, ids)
 
