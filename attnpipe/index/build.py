@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import sys
 import time
@@ -35,6 +34,7 @@ from attnpipe import fs, store
 from attnpipe.index import faiss_index as fx
 from attnpipe.index import layout, ondisk
 from attnpipe.index.config import LSH_CHOICES, IndexConfig, plan
+from attnpipe.index.version import faiss_meta, source_info, version_manifest
 
 __all__ = ["LSH_CHOICES", "IndexConfig", "build_index"]
 
@@ -321,75 +321,6 @@ def _chunks(parts: list[store.Part], counts: list[int], budget: int | None, dim:
         groups[-1].append(part)
         rows += c
     return groups
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def version_manifest(
-    count: int,
-    dim: int,
-    faiss_section: dict,
-    lsh_meta: dict,
-    update: dict,
-    workers: int,
-    start: float,
-    source: dict,
-    config: IndexConfig,
-    estimate: dict | None = None,
-) -> dict:
-    """The one builder of an index version's manifest (full builds and incremental updates)."""
-    return {
-        "type": "attnpipe-index",
-        "count": int(count),
-        "dim": int(dim),
-        "metric": "inner_product",
-        "faiss": faiss_section,
-        "lsh": lsh_meta,
-        "update": update,
-        "workers": workers,
-        "build_seconds": round(time.perf_counter() - start, 2),
-        "memory": {
-            "budget_bytes": config.memory_budget,
-            "estimated_bytes": (estimate or {}).get("estimated_bytes"),
-            "resident_bytes": (estimate or {}).get("resident_bytes"),
-            "ondisk": bool(faiss_section.get("ivfdata")),
-            "build_peak_rss_bytes": peak_rss_bytes(),
-        },
-        "source": source,
-    }
-
-
-def faiss_meta(factory: str, kind: str, files: list[str], tuning: dict, target_recall: float, queries: int) -> dict:
-    return {
-        "factory": factory,
-        "kind": kind,
-        "files": files,
-        tuning["param"] or "param": tuning["value"],
-        "recall@10": tuning[f"recall@{TUNE_K}"],
-        "target_recall": target_recall,
-        "tuning": tuning["sweep"],
-        "queries": queries,
-    }
-
-
-def source_path(path: str) -> str:
-    """How a version records its embeddings: an absolute local path, or the URI."""
-    return os.path.abspath(fs.resolve(path)[1]) if fs.is_local(path) else fs.display(path)
-
-
-def source_info(ds: store.Dataset) -> dict:
-    """What a version was built from: the dataset, its model, shard fingerprints, part numbers (for updates), and
-    the checksum of the exact dataset state (``eval`` refuses an index of another state)."""
-    return {
-        "embeddings": source_path(ds.path),
-        "model": ds.manifest.get("model"),
-        "shards": {s["name"]: s["fingerprint"] for s in ds.manifest["shards"]},
-        "parts": store.part_numbers(ds.manifest),
-        "manifest_sha256": ds.manifest_sha256,
-    }
 
 
 def lsh_config(config: IndexConfig, dim: int, center: np.ndarray) -> dict:

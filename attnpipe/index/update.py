@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from attnpipe import fs, store
 from attnpipe.index import build, layout
 from attnpipe.index import faiss_index as fx
+from attnpipe.index import version as version_mod
 from attnpipe.index.config import IndexConfig, plan
 from attnpipe.runtime import init_ray
 
@@ -64,7 +65,7 @@ def plan_update(embeddings: str, root: str, config: IndexConfig | None = None, *
     except layout.IndexLayoutError as exc:
         return Plan("full", f"no usable live version ({exc})")
     source = base.get("source", {})
-    if "parts" not in source or source.get("embeddings") != build.source_path(embeddings):
+    if "parts" not in source or source.get("embeddings") != version_mod.source_path(embeddings):
         return Plan("full", "the live version was built from another dataset (or records no part numbers)", base)
     if source.get("model") != src.get("model"):
         return Plan("full", "the embeddings were made by another model", base)
@@ -239,7 +240,7 @@ def update_index(embeddings: str, root: str, plan: Plan, config: IndexConfig | N
         )
         added = len(new_ids)
         faiss_section = {
-            **build.faiss_meta(f["factory"], f["kind"], files, tuning, config.target_recall, len(Q)),
+            **version_mod.faiss_meta(f["factory"], f["kind"], files, tuning, config.target_recall, len(Q)),
             **{key: f.get(key) for key in ("train_size", "factory_auto", "trained_count")},
             "added_since_training": f.get("added_since_training", 0) + added,
             f"recall@{k}_at_previous_{param or 'param'}": at_base,
@@ -252,7 +253,7 @@ def update_index(embeddings: str, root: str, plan: Plan, config: IndexConfig | N
             "added_vectors": added,
             "removed_vectors": int(removed),
         }
-        manifest = build.version_manifest(
+        manifest = version_mod.version_manifest(
             count=len(ids),
             dim=base["dim"],
             faiss_section=faiss_section,
@@ -260,7 +261,7 @@ def update_index(embeddings: str, root: str, plan: Plan, config: IndexConfig | N
             update=update,
             workers=len(groups) if remote else 1,
             start=start,
-            source=build.source_info(ds),
+            source=version_mod.source_info(ds),
             config=config,
             estimate=base.get("memory"),
         )
