@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -35,6 +35,7 @@ from attnpipe import fs
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0
 SETTLE_S = 1.0
+log = logging.getLogger("attnpipe.lock")
 
 
 class LockHeld(RuntimeError):
@@ -100,7 +101,7 @@ def _lease(uri: str, command: str, stale_after_s: float) -> Iterator[dict]:
             local = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
             if age <= stale_after_s and not (local and not _alive(holder["pid"])):  # a dead owner here: stale now
                 raise LockHeld(_held_message(fs.display(uri), holder, stale_after_s))
-            print(f"lock: taking over {fs.display(uri)}: no heartbeat for {age:.0f} s", file=sys.stderr)
+            log.warning("lock: taking over %s: no heartbeat for %.0f s", fs.display(uri), age)
         fs.write_json(uri, owner)
         time.sleep(SETTLE_S)
         if read_owner(uri).get("token") == owner["token"]:
@@ -137,7 +138,7 @@ def _acquire(path: str, command: str, stale_after_s: float) -> dict:
             reason = _stale(path, holder, stale_after_s)
             if reason is None:
                 raise LockHeld(_held_message(path, holder, stale_after_s)) from None
-            print(f"lock: taking over {path}: {reason}", file=sys.stderr)
+            log.warning("lock: taking over %s: %s", path, reason)
             with contextlib.suppress(FileNotFoundError):
                 os.rename(path, f"{path}.stale-{uuid.uuid4().hex[:8]}")  # only one contender's rename succeeds
                 _remove_stale_copies(path)

@@ -23,9 +23,9 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 import time
 
 from attnpipe import fs, store
@@ -38,6 +38,7 @@ from attnpipe.lock import exclusive
 from attnpipe.runtime import init_ray
 
 LOCK = ".reindex.lock"
+log = logging.getLogger("attnpipe.reindex")
 MODEL_KEYS = ("backbone", "pooling", "weights_fingerprint", "image_size")
 KILL_ENV = "ATTNPIPE_TEST_KILL_AT"  # tests: SIGKILL this process at a named step (see _step)
 
@@ -197,4 +198,4 @@ def _step(name: str) -> None:
 
 
 def _log(msg: str) -> None:
-    print(f"reindex: {msg}", file=sys.stderr, flush=True)
+    log.info("reindex: %s", msg)
