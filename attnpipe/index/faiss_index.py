@@ -99,7 +99,18 @@ def merge(indexes: list[faiss.Index], kind: str) -> list[faiss.Index]:
 def read_index(path: str) -> faiss.Index:
     """Read an index file; on-disk inverted lists (``*.ivfdata``) are looked up beside it, wherever the version
     directory was moved or copied to (the path faiss stored inside the file is ignored)."""
-    return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+    import os
+    import sys
+
+    # faiss printf()s the path it rewrites to C stdout: keep stdout clean for JSON output (fd 1 -> fd 2 meanwhile)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def load_version(manifest: dict) -> list[faiss.Index]:
