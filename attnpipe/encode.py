@@ -328,7 +328,8 @@ def build_dataset(shards, cfg: Config, units: list[dict] | None = None) -> ray.d
     ds: ray.data.Dataset = ray.data.from_items(units, override_num_blocks=max(len(units), 1))
     read = functools.partial(_read_batch, max_bytes=d.max_bytes)
     ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow")
-    on_gpu = encoders_decode(d.decode, gpus if use_gpu else 0)  # raw JPEG bytes travel to the GPU actors (nvJPEG there)
+    # raw JPEG bytes travel to the GPU actors (nvJPEG there); cuda encoders get a GPU even if it is still autoscaling
+    on_gpu = encoders_decode(d.decode, max(gpus, 1) if use_gpu else 0)
     if not on_gpu:
         decode = functools.partial(decode_batch, size=d.image_size, max_pixels=d.max_pixels)
         ds = ds.map_batches(decode, batch_size=e.decode_batch_size, batch_format="numpy")

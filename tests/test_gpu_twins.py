@@ -100,7 +100,7 @@ def test_compiled_runner_pads_to_one_shape_and_matches():
 def test_pipeline_decode_placement():
     assert not encoders_decode("auto", 0) and not encoders_decode("cpu", 4)
     assert encoders_decode("gpu", 1) and encoders_decode("auto", 2)
-    with pytest.raises(ValueError, match="data.decode=gpu needs GPUs in the Ray cluster"):
+    with pytest.raises(ValueError, match="data.decode=gpu needs GPU encoders"):
         encoders_decode("gpu", 0)
 
 

@@ -142,14 +142,18 @@ def gpu_decode_supported() -> bool:
 def encoders_decode(mode: str, cluster_gpus: int) -> bool:
     """Whether the encode pipeline hands raw bytes to the encoder actors (skipping the CPU decode tasks).
 
-    ``gpu`` always does; ``auto`` does when the cluster has GPUs (one per encoder actor) and this torchvision can
-    decode on CUDA. An actor that finds no usable GPU after all decodes on its CPU instead (same rows, slower).
+    ``gpu`` always does; ``auto`` does when the encoders get GPUs (``cluster_gpus`` > 0; 0 for CPU encoders) and
+    this torchvision can decode on CUDA. With ``auto``, an actor that finds no usable GPU after all decodes on its CPU
+    instead (same rows, slower).
 
     Raises:
         ValueError: ``gpu`` on a cluster without GPUs (before any work starts).
     """
     if mode == "gpu" and cluster_gpus == 0:
-        raise ValueError("data.decode=gpu needs GPUs in the Ray cluster, which has none; use data.decode=auto or cpu")
+        raise ValueError(
+            "data.decode=gpu needs GPU encoders (GPUs in the Ray cluster, or encode.device=cuda); "
+            "use data.decode=auto or cpu"
+        )
     return mode == "gpu" or (mode == "auto" and cluster_gpus > 0 and gpu_decode_supported())
 
 
