@@ -138,11 +138,6 @@ def _with_tracking(table: pa.Table, batch: dict[str, np.ndarray]) -> pa.Table:
     return table
 
 
-def _strings(values: np.ndarray) -> pa.Array:
-    """A string column from a numpy batch; an all-null column arrives as float NaNs (Arrow null type)."""
-    return pa.array([v if isinstance(v, str) else None for v in values], pa.string())
-
-
 def encode(
     inputs: list[str],
     out: str,

@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import os
 
+from attnpipe.fs import sha256_file
 from attnpipe.models.config import local_weights
-from attnpipe.store import sha256_file
 
 FORMAT = "attnpipe.encoder"
 FORMAT_VERSION = 1
