@@ -13,7 +13,6 @@ import json
 import os
 import shlex
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,8 +42,8 @@ def cluster(s3_server) -> Iterator[RayCluster]:
 class Job:
     """A ``ray job submit`` running in the background; its output (CLI messages + the job's log) goes to a file."""
 
-    def __init__(self, cluster: RayCluster, entrypoint: list[str], env_vars: dict[str, str]):
-        self.log = tempfile.NamedTemporaryFile(prefix="attnpipe-job-", suffix=".log", delete=False)  # noqa: SIM115
+    def __init__(self, cluster: RayCluster, entrypoint: list[str], env_vars: dict[str, str], log: Path):
+        self.log = open(log, "wb")  # noqa: SIM115 - closed by wait()
         self.args = [
             ray_exe(), "job", "submit", "--address", cluster.head.address, "--working-dir", str(REPO),
             "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", *entrypoint,
@@ -75,10 +74,10 @@ class Job:
         return json.loads(line)
 
 
-def _encode_job(cluster: RayCluster, s3_server, data: str, out: str, *overrides: str) -> Job:
+def _encode_job(cluster: RayCluster, s3_server, log: Path, data: str, out: str, *overrides: str) -> Job:
     sets = [a for kv in (*FAST, *overrides) for a in ("--set", kv)]
     entrypoint = ["python", "jobs/encode.py", "--input", data, "--out", out, *sets]
-    return Job(cluster, entrypoint, s3_server.env())
+    return Job(cluster, entrypoint, s3_server.env(), log)
 
 
 def _cmdline(pid: int) -> str:
@@ -126,12 +125,18 @@ def _assert_no_local_writes(cluster: RayCluster) -> None:
             assert not written, (base, written)
 
 
-def test_encode_job_on_three_nodes_to_s3(cluster: RayCluster, s3_server) -> None:
+def test_encode_job_on_three_nodes_to_s3(cluster: RayCluster, s3_server, tmp_path: Path) -> None:
     assert len(alive_nodes(cluster.head)) == 3
     bucket = s3_server.make_bucket("cluster-encode")
     ids = sample_to(f"{bucket}/data", n=64, shards=4)
     job = _encode_job(
-        cluster, s3_server, f"{bucket}/data", f"{bucket}/emb", "encode.num_encoders=2", "encode.rows_per_file=16"
+        cluster,
+        s3_server,
+        tmp_path / "job.log",
+        f"{bucket}/data",
+        f"{bucket}/emb",
+        "encode.num_encoders=2",
+        "encode.rows_per_file=16",
     )
     seen: set[str] = set()
     while job.running():
@@ -147,12 +152,14 @@ def test_encode_job_on_three_nodes_to_s3(cluster: RayCluster, s3_server) -> None
     _assert_no_local_writes(cluster)
 
 
-def test_worker_node_removed_mid_run(cluster: RayCluster, s3_server) -> None:
+def test_worker_node_removed_mid_run(cluster: RayCluster, s3_server, tmp_path: Path) -> None:
     # Last in the module: the cluster keeps one worker node fewer afterwards.
     bucket = s3_server.make_bucket("cluster-node-loss")
     data, out = f"{bucket}/data", f"{bucket}/emb"
     ids = sample_to(data, n=192, shards=12)
-    job = _encode_job(cluster, s3_server, data, out, "encode.num_encoders=2", "encode.rows_per_file=8")
+    job = _encode_job(
+        cluster, s3_server, tmp_path / "job.log", data, out, "encode.num_encoders=2", "encode.rows_per_file=8"
+    )
     victim: RayWorker | None = None
     while job.running() and victim is None:
         # Mid-run: an encoder on a worker node is inside a batch, or (batches are short) it exists and the first
