@@ -128,8 +128,10 @@ def test_encode_job(head: RayHead, tmp_path: Path) -> None:
         working_dir=REPO,
     )
     _assert_succeeded(proc)
-    assert (root / "CURRENT").read_text().strip() == "v1", _explain(proc)
+    from attnpipe.index.layout import current_version
     from attnpipe.index.search import SearchIndex
+
+    assert current_version(str(root)) == "v1", _explain(proc)
 
     index = SearchIndex.load(str(root))
     assert index.count == 40 and index.manifest["workers"] == 2
