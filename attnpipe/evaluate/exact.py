@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from attnpipe import store
@@ -68,26 +69,35 @@ def part_fids(number: int, n: int) -> np.ndarray:
 
 def scan_part(path: str, part: store.Part, spec: Spec, pair_q: np.ndarray, pair_fid: np.ndarray, seed: int) -> dict:
     """One part's contribution (see the module doc); plain arguments, so it runs as a Ray task."""
-    cols = ["id", "label", "embedding"] + (ATTN_COLUMNS if spec.attention else [])
+    cols = (
+        ["label", "embedding"] + (["id"] if spec.judged is not None else []) + (ATTN_COLUMNS if spec.attention else [])
+    )
     t = store.read_part(path, part, cols, ok_only=True)
     n = t.num_rows
     nq = len(spec.Q)
     fids = part_fids(part.number, n)
-    ids = t.column("id").to_pylist()
-    labels = np.array(t.column("label").to_pylist(), object)
     X = store.embedding_matrix(t) if n else np.zeros((0, spec.Q.shape[1]), np.float32)
     D, I = fx.exact_topk(X, fids, spec.Q, spec.k)
     local = np.where(I >= 0, I & 0xFFFFFFFF, 0)
     rows = pair_fid & 0xFFFFFFFF
+    label_col = t.column("label")
+    labels: list | None = None  # Python label strings, only for attention statistics per label
     if spec.judged is None:
-        code_of = {lab: c for c, lab in enumerate(dict.fromkeys(x for x in spec.labels if x is not None))}
+        # label codes in Arrow (no Python object per row): the query labels' positions, -1 for other/None labels
+        q_labels = list(dict.fromkeys(x for x in spec.labels if x is not None))
+        code_of = {lab: c for c, lab in enumerate(q_labels)}
         q_code = np.array([code_of[x] if x is not None else -2 for x in spec.labels], np.int64)  # -2: matches nothing
-        g_code = np.array([code_of.get(x, -1) if x is not None else -1 for x in labels], np.int64)
+        idx = pc.index_in(label_col, value_set=pa.array(q_labels, pa.string()))
+        g_code = idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
         rel = (I >= 0) & (g_code[local] == q_code[:, None]) if n else np.zeros(I.shape, bool)
         pair_rel = g_code[rows] == q_code[pair_q] if len(rows) else np.zeros(0, bool)
-        label_counts = Counter(x for x in labels if x is not None)
+        vc = pc.value_counts(label_col.drop_null()) if n else None
+        label_counts = Counter(
+            dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())) if vc is not None else {}
+        )
         num_rel = np.zeros(nq, np.int64)  # from label_counts on the driver
     else:
+        ids = t.column("id").to_pylist()
         id_arr = np.array(ids, object)
         rel = np.stack([np.isin(id_arr[local[i]], list(spec.judged[i])) for i in range(nq)]) if n else I >= 0
         rel &= I >= 0
@@ -121,7 +131,7 @@ def scan_part(path: str, part: store.Part, spec: Spec, pair_q: np.ndarray, pair_
             B[valid] = store.embedding_matrix(t.filter(pc.is_valid(box)), "box")
         stats = attn_stats.per_image_stats(A, B)
         totals = attn_stats.Totals()
-        totals.add(stats, list(labels))
+        totals.add(stats, labels if labels is not None else label_col.to_pylist())
         keep = np.random.default_rng([seed, part.number]).random(n) < spec.entropy_rate
         out["totals"], out["entropy"] = totals, stats["entropy"][keep]
     return out

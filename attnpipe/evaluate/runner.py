@@ -73,8 +73,6 @@ def evaluate(
         layout.IndexLayoutError: the index was built from another state of the embeddings (or is damaged).
         ValueError: no ok rows, no labels and no qrels, or ``--compare`` with ``--queries``.
     """
-    from attnpipe.evaluate.report import write_report
-
     if queries and compare:
         raise ValueError("--compare evaluates gallery-sampled queries (leave-one-out); drop --queries to use it")
     ks = tuple(dict.fromkeys(int(k) for k in ks))
@@ -149,6 +147,8 @@ def evaluate(
     }
     picks = card_mod.pick_queries(q.ids)
     cards = card_mod.build_cards(gallery, q.dataset, picks, q.ids, q.fids, exact_ids, exact_scores, exact_rel)
+    from attnpipe.evaluate.report import write_report  # matplotlib: loaded after the gallery pass, not during it
+
     stage = store.staging_dir(out)
     store.write_json(os.path.join(stage, "metrics.json"), metrics)
     write_report(os.path.join(stage, "report.html"), metrics, {"sweep": sweep, "entropy": entropies}, cards)
