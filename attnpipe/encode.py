@@ -234,7 +234,10 @@ def encode_shards(shards: list[Shard], out: str, token: str, cfg: Config):
     by_name = {s.name: s for s in shards}
     write = functools.partial(_write_batch, out=out, token=token)
     ds = build_dataset(shards, cfg, units).map_batches(
-        write, batch_size=cfg.encode.rows_per_file, batch_format="pyarrow", num_cpus=0.5
+        write,
+        batch_size=cfg.encode.rows_per_file,
+        batch_format="pyarrow",
+        num_cpus=0.25,  # I/O bound
     )
     pending = set(by_name)
     for rec in ds.iter_rows():
