@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -39,7 +40,9 @@ class Searcher:
         """
         self.index = index
         self.cfg = cfg if cfg is not None else source_config(index)
-        self._runner = None  # built on first use: torch is imported only when an image is encoded
+        self._runner: Any = (
+            None  # an EncoderRunner, built on first use: torch is imported only when an image is encoded
+        )
 
     @classmethod
     def load(cls, root: str, version: str | None = None, cfg: Config | None = None) -> Searcher:

@@ -83,7 +83,7 @@ def reindex(
         damaged = store.damaged_parts(embeddings, old) if old else {}
         for why in damaged.values():
             _log(f"{why}: its shard is re-encoded")
-        if damaged:  # a damaged or missing part makes its shard 'changed': this run repairs it
+        if old and damaged:  # a damaged or missing part makes its shard 'changed': this run repairs it
             bad = {e["name"] for e in old["shards"] if set(e["parts"]) & set(damaged)}
             old = {**old, "shards": [{**e, "fingerprint": "damaged"} if e["name"] in bad else e for e in old["shards"]]}
         stale = _model_change(old, cfg)

@@ -20,7 +20,7 @@ import lzma
 import os
 import posixpath
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -185,6 +185,7 @@ def _read_parquet(unit: dict, max_bytes: int) -> Iterator[dict]:
         offset = sum(pf.metadata.row_group(g).num_rows for g in range(part))
         # ids are unique across row groups: assign over every key of the file (only its key column is read)
         all_keys = pf.read(columns=["key"]).column("key").to_pylist() if "key" in names else None
+    assigned: list[tuple[str, str | None]]
     if all_keys is None:
         assigned = [(f"{offset + i:08d}", None) for i in range(table.num_rows)]
     else:
@@ -287,7 +288,9 @@ class _TarStream:
 
     def __init__(self, f):
         self._f = f
-        self._read1 = getattr(f, "read1", None)  # decompressors: one step at a time, so a cut loses no earlier bytes
+        self._read1: Callable[[int], bytes] | None = getattr(
+            f, "read1", None
+        )  # decompressors: one step at a time, so a cut loses no earlier bytes
         self._error: Exception | None = None
         self.total = 0
         self.last_nonzero = -1
@@ -310,7 +313,7 @@ class _TarStream:
         size = 0
         try:
             while size < n:
-                piece = self._read1(min(n - size, 1 << 16))
+                piece = self._read1(min(n - size, 1 << 16)) if self._read1 else b""
                 if not piece:
                     break
                 chunks.append(piece)
