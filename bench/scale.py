@@ -138,6 +138,7 @@ def main() -> None:
     p.add_argument("--factory", default="IVF1024,Flat")
     p.add_argument("--nprobe", type=int, default=16)
     p.add_argument("--variants", nargs="+", default=["plain", "attnpipe", "ondisk", "eval"])
+    p.add_argument("--repeat", type=int, default=1, help="interleaved rounds; seconds = best round (noisy machines)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -164,10 +165,16 @@ def main() -> None:
                     os.path.join(work, "emb"), [f"s/{i}" for i in range(n)], X, [f"c{c}" for c in y], num_shards=16
                 )
                 del X, y
-                for name in args.variants:
-                    r = {"n": n, "dim": dim, **run_variant(work, name, args)}
-                    print(json.dumps(r), flush=True)
-                    rows.append(r)
+                best: dict[str, dict] = {}
+                for round_ in range(args.repeat):  # interleaved: load changes hit every variant alike
+                    for name in args.variants:
+                        if name == "eval" and round_:
+                            continue  # memory is what eval is measured for: one round
+                        r = {"n": n, "dim": dim, "round": round_, **run_variant(work, name, args)}
+                        print(json.dumps(r), flush=True)
+                        if name not in best or r["seconds"] < best[name]["seconds"]:
+                            best[name] = r
+                rows.extend(best.values())
     print("\n| n | dim | variant | seconds | peak RSS GiB | QPS | recall@10 |")
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
