@@ -99,9 +99,9 @@ def _gather(datasets: list[store.Dataset], transform, wanted: dict[int, set[int]
         for g in gids:
             by_part.setdefault(g >> 32, []).append(g & 0xFFFFFFFF)
         numbers = {p.number: p for p in datasets[side].parts()}
-        for number, rows in by_part.items():
-            r = np.array(sorted(rows), np.int64)
-            jobs.append((side, number, r, gather_part.remote(datasets[side].path, numbers[number], r, transform)))
+        for number, part_rows in by_part.items():
+            sel = np.array(sorted(part_rows), np.int64)
+            jobs.append((side, number, sel, gather_part.remote(datasets[side].path, numbers[number], sel, transform)))
     names: dict[int, dict[int, str]] = {s: {} for s in wanted}
     vecs: dict[int, dict[int, np.ndarray]] = {s: {} for s in wanted}
     for side, number, rows, ref in jobs:
@@ -120,6 +120,7 @@ def _semantic(cfg: DedupConfig, datasets: list[store.Dataset], plan) -> tuple[di
     parts = [(ds.path, p, side) for side, ds in enumerate(datasets) for p in ds.parts() if p.ok != 0]
     buckets = scatter(plan, parts)
     n = _count(datasets[0].parts())
+    how: dict[str, object]
     if cfg.threshold is not None:
         threshold, how = float(cfg.threshold), {"chosen": "--threshold"}
     else:
@@ -217,7 +218,10 @@ def dedup(
     sample = _sample(datasets[0], cfg.sample, cfg.seed)
     plan = Plan.fit(sample, n, cfg.whiten, cfg.probes, cfg.clusters, seed=cfg.seed)
     _log(f"{n} vectors, {len(plan.centroids)} clusters x {plan.probes} probes in {plan.buckets} buckets")
-    semantic, minhash, threshold, how = {}, {}, None, {}
+    semantic: dict[int, tuple] = {}
+    minhash: dict[int, tuple] = {}
+    threshold: float | None = None
+    how: dict = {}
     if cfg.method in ("semantic", "both"):
         semantic, threshold, how = _semantic(cfg, datasets, plan)
         _log(f"threshold {threshold:.4f} ({how['chosen']})")

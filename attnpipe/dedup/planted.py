@@ -104,8 +104,8 @@ def make_planted(
     for j, i in enumerate(sorted(picks.tolist())):
         path = files[i]
         label, stem = os.path.basename(os.path.dirname(path)), os.path.splitext(os.path.basename(path))[0]
-        edits = names if all_edits else [names[j % len(names)]]
-        for edit in edits:
+        chosen = names if all_edits else [names[j % len(names)]]
+        for edit in chosen:
             folder = os.path.join(planted.copies, label)
             os.makedirs(folder, exist_ok=True)
             with Image.open(path) as im:
@@ -123,22 +123,22 @@ def pair_quality(found: Iterable[tuple[str, str]], planted: Planted) -> dict:
     """
     fam = planted.family()
     edit_of = {c: e for _, c, e in planted.pairs}
-    found = {tuple(sorted(p)) for p in found}
-    correct = {p for p in found if fam.get(p[0]) is not None and fam.get(p[0]) == fam.get(p[1])}
+    got: set[tuple[str, ...]] = {tuple(sorted(p)) for p in found}
+    correct = {p for p in got if fam.get(p[0]) is not None and fam.get(p[0]) == fam.get(p[1])}
     truth = {tuple(sorted((o, c))): e for o, c, e in planted.pairs}
     per_edit = {}
     for e in sorted(set(truth.values()), key=list(EDITS).index):
         want = [p for p, pe in truth.items() if pe == e]
-        involved = [p for p in found if edit_of.get(p[0]) == e or edit_of.get(p[1]) == e]
+        involved = [p for p in got if edit_of.get(p[0]) == e or edit_of.get(p[1]) == e]
         per_edit[e] = {
-            "recall": sum(p in found for p in want) / len(want),
+            "recall": sum(p in got for p in want) / len(want),
             "precision": sum(p in correct for p in involved) / len(involved) if involved else None,
             "planted": len(want),
         }
     return {
-        "precision": len(correct) / len(found) if found else 1.0,
-        "recall": sum(p in found for p in truth) / len(truth) if truth else 1.0,
-        "found": len(found),
+        "precision": len(correct) / len(got) if got else 1.0,
+        "recall": sum(p in got for p in truth) / len(truth) if truth else 1.0,
+        "found": len(got),
         "correct": len(correct),
         "planted": len(truth),
         "per_edit": per_edit,

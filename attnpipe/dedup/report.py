@@ -43,10 +43,10 @@ def thumbnail(data: bytes | None) -> str | None:
         return None
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMB, THUMB))
+            rgb = im.convert("RGB")
+            rgb.thumbnail((THUMB, THUMB))
             buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=85)
+            rgb.save(buf, format="JPEG", quality=85)
     except (UnidentifiedImageError, OSError, ValueError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -205,12 +205,12 @@ def pairs_bucket(threshold: float, *blocks: Block) -> dict[int, tuple[np.ndarray
 
     Side 0 holds pairs inside the dataset (``gid_a < gid_b``); side s > 0 pairs with the s-th ``--against`` dataset.
     """
-    blocks = list(blocks)
-    sides = sorted({b[0] for b in blocks})
-    base = _by_cluster(blocks, 0)
+    block_list = list(blocks)
+    sides = sorted({b[0] for b in block_list})
+    base = _by_cluster(block_list, 0)
     out: dict[int, list] = {s: [] for s in sides}
     for s in sides:
-        other = base if s == 0 else _by_cluster(blocks, s)
+        other = base if s == 0 else _by_cluster(block_list, s)
         for c, A in base.items():
             if c in other:
                 out[s].append(_pairs(c, A, other[c], threshold, same=s == 0))
@@ -228,10 +228,10 @@ def scatter(plan: Plan, parts: list[tuple[str, store.Part, int]]) -> list[list[r
     """Start the scatter tasks; returns ``refs[bucket]`` = the blocks of that bucket from every part."""
     nb = plan.buckets
     plan_ref = ray.put(plan)
-    per_part = []
+    per_part: list[list[ray.ObjectRef]] = []
     for path, part, side in parts:
         refs = scatter_part.options(num_returns=nb).remote(path, part, side, plan_ref)
-        per_part.append(refs if nb > 1 else [refs])
+        per_part.append(refs if isinstance(refs, list) else [refs])  # a list exactly when nb > 1
     return [[refs[b] for refs in per_part] for b in range(nb)]
 
 
