@@ -4,7 +4,9 @@ Queries are a second encoded dataset (``--queries``) or a seeded sample of the g
 query's own row removed from every result list). Relevance is "same label" or a TREC qrels file. The driver holds
 the index, the queries and their rankings (to depth ``min(gallery, depth)``, default 10,000); the gallery is read
 part by part, once (:mod:`attnpipe.evaluate.exact`: exact top-k, relevance of every ranked result, relevant counts
-and attention statistics, merged as parts finish), so memory does not grow with the gallery.
+and attention statistics, merged as parts finish), so memory does not grow with the gallery. The index is loaded
+for the ANN rankings, released for the gallery pass, and loaded again for speed and the nprobe sweep: the driver
+peak is the larger of (index) and (one part), plus the queries' rankings.
 
 Sections of ``metrics.json``: ``meta``, ``exact``, ``faiss`` (at the index's tuned nprobe/efSearch, plus
 ``recall_vs_exact@k``, ``qps``, latency), ``lsh`` (SimHash candidates re-ranked exactly), ``attention`` (per head),
@@ -97,6 +99,7 @@ def evaluate(
     )
     # ANN rankings and LSH candidates first (driver, index only); the gallery pass resolves their relevance.
     faiss_ids = _faiss_ids(indexes, q.Q, depth, q.self_fids)
+    del indexes  # not held during the gallery pass: the driver holds the index or one part, never both
     lsh_cands = _lsh_candidates(manifest, q)
     extra = lsh_cands or []
     pair_q = np.concatenate([np.repeat(np.arange(len(q.ids)), depth), *(np.full(len(c), i) for i, c in extra)])
@@ -117,7 +120,9 @@ def evaluate(
     metrics: dict = {"exact": ranking_metrics(exact_rel, scan.num_rel, ks)}
     nf = len(q.ids) * depth
     faiss_rel = rel_all[:nf].reshape(len(q.ids), depth)
+    indexes = fx.load_version(manifest)  # again, for speed and the nprobe sweep against the exact rankings
     metrics["faiss"], sweep = _faiss_section(manifest, indexes, q, faiss_ids, faiss_rel, exact_ids, scan, ks)
+    del indexes
     if lsh_cands is not None:
         metrics["lsh"] = _lsh_section(lsh_cands, rel_all[nf:], score_all[nf:], exact_ids, scan.num_rel, ks)
     pooling = gallery.metadata().get("attnpipe.pooling", "?")
