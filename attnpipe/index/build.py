@@ -62,8 +62,8 @@ def sample_rows(
     rows, fids = [], []
     for i, part in enumerate(parts):
         local = chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i]
-        if len(local):
-            rows.append(store.part_vectors(path, part)[1][local])
+        if len(local):  # the embedding column only: no string ids decoded
+            rows.append(store.embedding_matrix(store.read_part(path, part, ["embedding"], ok_only=True))[local])
             fids.append(faiss_ids(part.number, counts[i])[local])
     if not rows:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
@@ -93,9 +93,10 @@ def add_parts(
     k = TUNE_K + 1  # +1: queries are indexed (leave-one-out)
     D, I = fx.exact_topk(np.zeros((0, queries.shape[1]), np.float32), np.zeros(0, np.int64), queries, k)
     for part in parts:
-        ids, X = store.part_vectors(path, part)
-        if not ids:
+        t = store.read_part(path, part, ["id", "embedding"], ok_only=True)
+        if not t.num_rows:
             continue
+        ids, X = t.column("id"), store.embedding_matrix(t)  # ids stay Arrow strings (no Python object per row)
         fids = faiss_ids(part.number, len(ids))
         fx.add(index, X, fids)
         Dp, Ip = fx.exact_topk(X, fids, queries, k)
@@ -104,12 +105,12 @@ def add_parts(
             codes.append(lsh["simhash"].codes(X))
         if lsh.get("minhash"):
             hashes.append(lsh_mod.weighted_minhash(np.maximum(X, 0), **lsh["minhash"]))
-        all_ids.extend(ids)
+        all_ids.extend(ids.chunks)
         all_fids.append(fids)
-        del X
+        del X, t
     index = fx.to_cpu(index)
     out = {
-        "ids": all_ids,
+        "ids": pa.chunked_array(all_ids, pa.string()),
         "fids": np.concatenate(all_fids) if all_fids else np.zeros(0, np.int64),
         "exact": (D, I),
         "codes": np.concatenate(codes) if codes else None,
@@ -121,6 +122,17 @@ def add_parts(
     else:
         out["index"] = faiss.serialize_index(index) if serialize else index
     return out
+
+
+def tuning_queries(queries: int, n: int, index: faiss.Index) -> int:
+    """How many indexed vectors tune nprobe: ``queries``, but for an IVF index at most max(250, nlist / 2).
+
+    Their exact top-k costs queries·n·d, adding costs n·nlist·d: with a small nlist the exact pass would cost as
+    much as the whole add for a recall estimate that 250+ queries (2,500+ neighbours) already pin to about ±0.01.
+    """
+    ivf = fx._ivf(index)
+    cap = max(250, ivf.nlist // 2) if ivf is not None else queries
+    return min(queries, cap, n)
 
 
 def split_parts(parts: list[store.Part], counts: list[int], workers: int) -> list[list[store.Part]]:
@@ -214,10 +226,10 @@ def build_index(
     where = "on disk" if ondisk_lists else "in memory"
     _log(f"index: {n} vectors, dim {dim}, factory {factory} ({kind}, lists {where}), training on {train_size}")
     # One pass over the parts holding the sample: training vectors, and the tuning queries drawn from them.
-    S, sids = sample_rows(ds.path, parts, counts, max(train_size, min(config.queries, n)), rng)
+    S, sids = sample_rows(ds.path, parts, counts, max(train_size, tuning_queries(config.queries, n, index)), rng)
     if train_size:
         fx.train(index, S[rng.permutation(len(S))[:train_size]], config.seed)
-    pick = np.sort(rng.choice(len(S), size=min(config.queries, n), replace=False))
+    pick = np.sort(rng.choice(len(S), size=tuning_queries(config.queries, n, index), replace=False))
     Q, qids = S[pick], sids[pick]
     del S
     # SimHash centred on the query sample's mean: see SimHashLSH (centering against the ReLU cone)
@@ -236,7 +248,7 @@ def build_index(
         ids_writer = pq.ParquetWriter(os.path.join(stage, "ids.parquet"), IDS_SCHEMA)
         merged, shard_files, exact, codes, hashes, fid_chunks = None, [], None, [], [], []
         for r in run_adders(index, ds.path, groups, Q, lsh_cfg, remote, stage if ondisk_lists else None):
-            ids_writer.write_table(pa.table({"faiss_id": r["fids"], "id": pa.array(r["ids"], pa.string())}))
+            ids_writer.write_table(pa.table({"faiss_id": r["fids"], "id": r["ids"]}, schema=IDS_SCHEMA))
             fid_chunks.append(r["fids"])
             exact = r["exact"] if exact is None else fx.merge_topk(*zip(exact, r["exact"]), TUNE_K + 1)
             if r["codes"] is not None:

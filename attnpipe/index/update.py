@@ -213,7 +213,7 @@ def update_index(embeddings: str, root: str, plan: Plan, config: IndexConfig | N
         return None
     tuning = fx.tune(indexes, Q, exact, k, config.target_recall, self_ids=qids)
 
-    new_ids = [i for r in results for i in r["ids"]]
+    new_ids = [i for r in results for i in r["ids"].to_pylist()]
     new_fids = np.concatenate([old_fids[keep], *(r["fids"] for r in results)])
     ids = [*old_ids[keep].tolist(), *new_ids]
     version = layout.next_version(root)
