@@ -18,8 +18,9 @@ Example::
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -204,7 +205,7 @@ def _run(path: str, spec: Spec, jobs, pair_q, pair_fid, workers: int, seed: int)
         for job in jobs:
             yield scan_part(*args(job))
         return
-    task: Callable = ray.remote(scan_part)
+    task: Any = ray.remote(scan_part)
     spec_ref = ray.put(spec)
     pending: list = []
     for job in jobs:

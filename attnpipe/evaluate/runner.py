@@ -220,7 +220,7 @@ def _queries(gallery: store.Dataset, counts: list[int], queries: str | None, n: 
     if judged is None:
         pool = np.arange(offsets[-1])
     else:
-        found = []
+        found: list[int] = []
         for p, off in zip(gallery.parts(), offsets):
             ids = store.read_part(gallery.path, p, ["id"], ok_only=True).column("id").to_pylist()
             found.extend(off + r for r, i in enumerate(ids) if i in judged)
@@ -364,7 +364,10 @@ def _compare(path: str, q: Queries, judged, depth: int, ks, workers: int, seed: 
     """Exact metrics and attention statistics of another encoding of the same images, for the same query ids."""
     other = store.open_dataset(path)
     want = set(q.ids)
-    ids, X, labels, fids = [], [], [], []
+    ids: list[str] = []
+    X: list[np.ndarray] = []
+    labels: list = []
+    fids: list[np.ndarray] = []
     for p in other.parts():
         t = store.read_part(other.path, p, ["id", "label", "embedding"], ok_only=True)
         rows = np.flatnonzero([i in want for i in t.column("id").to_pylist()])

@@ -246,11 +246,19 @@ def build_index(
     stage = layout.staging(root, version)
     try:
         ids_writer = pq.ParquetWriter(os.path.join(stage, "ids.parquet"), IDS_SCHEMA)
-        merged, shard_files, exact, codes, hashes, fid_chunks = None, [], None, [], [], []
+        merged: list[faiss.Index] | None = None
+        exact: tuple[np.ndarray, np.ndarray] | None = None
+        shard_files: list[str] = []
+        codes: list[np.ndarray] = []
+        hashes: list[np.ndarray] = []
+        fid_chunks: list[np.ndarray] = []
         for r in run_adders(index, ds.path, groups, Q, lsh_cfg, remote, stage if ondisk_lists else None):
             ids_writer.write_table(pa.table({"faiss_id": r["fids"], "id": r["ids"]}, schema=IDS_SCHEMA))
             fid_chunks.append(r["fids"])
-            exact = r["exact"] if exact is None else fx.merge_topk(*zip(exact, r["exact"]), TUNE_K + 1)
+            if exact is None:
+                exact = r["exact"]
+            else:
+                exact = fx.merge_topk([exact[0], r["exact"][0]], [exact[1], r["exact"][1]], TUNE_K + 1)
             if r["codes"] is not None:
                 codes.append(r["codes"])
             if r["hashes"] is not None:

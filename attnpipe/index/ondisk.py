@@ -36,7 +36,7 @@ def merge(trained: faiss.Index, shard_files: list[str], stage: str, ivfdata: str
         ivf = faiss.extract_index_ivf(index)
         lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, os.path.join(stage, ivfdata))
         ivf.replace_invlists(lists, True)
-        lists.this.disown()
+        lists.this.disown()  # type: ignore[attr-defined]  # SWIG: the index owns the lists now
     for f in shard_files:
         os.remove(f)
     return index
@@ -47,4 +47,4 @@ def is_ondisk(index: faiss.Index) -> bool:
         lists = faiss.extract_index_ivf(index).invlists
     except RuntimeError:
         return False
-    return isinstance(faiss.downcast_InvertedLists(lists), faiss.OnDiskInvertedLists)
+    return lists is not None and isinstance(faiss.downcast_InvertedLists(lists), faiss.OnDiskInvertedLists)
