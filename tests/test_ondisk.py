@@ -72,3 +72,15 @@ def test_config_and_sizes_are_checked():
         IndexConfig(target_recall=0)
     with pytest.raises(ValueError, match="keep"):
         IndexConfig(keep=0)
+
+
+def test_search_index_loads_an_ondisk_version(emb, tmp_path):
+    """The published on-disk version answers through SearchIndex (the CLI's search path), not only load_version."""
+    from attnpipe.index.search import SearchIndex
+
+    path, X = emb
+    cfg = IndexConfig(factory="IVF32,Flat", lsh="none", workers=1)
+    build_index(path, str(tmp_path / "disk"), cfg, ondisk=True)
+    index = SearchIndex.load(str(tmp_path / "disk"))
+    hits = index.search_id("s/00042", 5)
+    assert hits[0][0] == "s/00042" and len(hits) == 5

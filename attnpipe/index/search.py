@@ -45,12 +45,7 @@ class SearchIndex:
         """
         manifest = layout.load_manifest(root, version, verify=True)
         path = manifest["path"]
-        indexes = []
-        for name in manifest["faiss"]["files"]:
-            try:
-                indexes.append(faiss.read_index(os.path.join(path, name)))
-            except RuntimeError as exc:  # checksums passed, so the file was written broken
-                raise layout.IndexLayoutError(f"index file {os.path.join(path, name)} cannot be read: {exc}") from None
+        indexes = fx.load_version(manifest)  # on-disk inverted lists are found beside the index, wherever it is
         table = pq.read_table(os.path.join(path, "ids.parquet"))
         ids = np.array(table.column("id").to_pylist(), dtype=object)
         return cls(manifest, indexes, table.column("faiss_id").to_numpy(), ids)
