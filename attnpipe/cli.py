@@ -395,6 +395,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_reindex(args: argparse.Namespace) -> int:
     """Ends with one JSON line on stdout: added/changed/removed/unchanged shard names, version, vectors, seconds."""
     from attnpipe import fs
+    from attnpipe.index.config import IndexConfig
     from attnpipe.reindex import reindex
 
     config = args.config
@@ -408,13 +409,15 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         args.embeddings,
         args.index,
         cfg,
+        index=IndexConfig(
+            factory=args.faiss,
+            lsh=args.lsh,
+            keep=args.keep,
+            max_growth=args.max_growth,
+            workers=args.workers,
+            target_recall=args.target_recall,
+        ),
         force=args.force,
-        factory=args.faiss,
-        lsh=args.lsh,
-        keep=args.keep,
-        max_growth=args.max_growth,
-        workers=args.workers,
-        target_recall=args.target_recall,
         ray_address=args.ray_address,
     )
     _emit(

@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from attnpipe.config import Config, ConfigError
 from attnpipe.data.shards import Shard, check_inputs, discover
 from attnpipe.encode import encode_shards, model_signature, run_description, summarize
 from attnpipe.index import layout
+from attnpipe.index.config import IndexConfig
 from attnpipe.index.update import refresh_index
 from attnpipe.lock import exclusive
 from attnpipe.runtime import init_ray
@@ -49,24 +51,26 @@ def reindex(
     root: str,
     cfg: Config,
     *,
+    index: IndexConfig | None = None,
     force: bool = False,
-    factory: str | None = None,
-    lsh: str | None = None,
-    keep: int = 3,
-    max_growth: float = 0.5,
-    workers: int = 0,
-    target_recall: float = 0.95,
     ray_address: str | None = None,
+    **overrides,
 ) -> dict:
     """Bring ``embeddings`` and the index under ``root`` up to date with ``inputs``; returns the run summary.
+
+    ``index`` holds the index settings (factory, lsh, workers, target recall, max growth, keep, ...); ``overrides``
+    are :class:`~attnpipe.index.config.IndexConfig` fields applied on top (``reindex(..., factory="IVF16,Flat")``).
 
     Raises:
         InputError: an input is missing or holds no shard.
         ConfigError: the model changed and ``force`` is False, or ``keep < 1``.
         LockHeld: another reindex holds the dataset or the index root.
     """
-    if keep < 1:
-        raise ConfigError(f"--keep must be >= 1 (versions to keep), got {keep}")
+    try:
+        index = dataclasses.replace(index or IndexConfig(), **overrides)
+    except ValueError as exc:  # IndexConfig checks its own values (keep >= 1, lsh choice, ...)
+        raise ConfigError(str(exc)) from None
+    keep = index.keep
     check_inputs(inputs)  # before creating anything
     start = time.perf_counter()
     fs.makedirs(embeddings)
@@ -99,16 +103,7 @@ def reindex(
             init_ray(ray_address)
         encoded = _update_embeddings(embeddings, shards, todo, old, cfg)
         _step("embeddings-committed")
-        manifest, plan = refresh_index(
-            embeddings,
-            root,
-            factory=factory,
-            lsh=lsh,
-            max_growth=max_growth,
-            workers=workers,
-            target_recall=target_recall,
-            ray_address=ray_address,
-        )
+        manifest, plan = refresh_index(embeddings, root, index, ray_address=ray_address)
         live = manifest or layout.load_manifest(root, verify=False)
         pruned = layout.prune(root, keep)
         for v in pruned:
