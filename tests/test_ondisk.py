@@ -78,7 +78,7 @@ def test_search_index_loads_an_ondisk_version(emb, tmp_path):
     """The published on-disk version answers through SearchIndex (the CLI's search path), not only load_version."""
     from attnpipe.index.search import SearchIndex
 
-    path, X = emb
+    path, _ = emb
     cfg = IndexConfig(factory="IVF32,Flat", lsh="none", workers=1)
     build_index(path, str(tmp_path / "disk"), cfg, ondisk=True)
     index = SearchIndex.load(str(tmp_path / "disk"))

@@ -99,7 +99,9 @@ def _attn_numbers(card: dict) -> tuple[float | None, float | None]:
         nz = p[p > 0]
         ent = ent if ent is not None else float(-(nz * np.log(nz)).sum() / np.log(p.size)) if p.size > 1 else 0.0
         peak = peak if peak is not None else float(p.max())
-    return (float(ent) if _isnum(ent) else None), (float(peak) if _isnum(peak) else None)
+    return (float(ent) if ent is not None and _isnum(ent) else None), (
+        float(peak) if peak is not None and _isnum(peak) else None
+    )
 
 
 def _tile(img: Image.Image, cls: str, caption: str, sub: str = "", extra: str = "") -> str:
