@@ -40,6 +40,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/lsh_minhash.py
 	$(BIN)/python bench/index_update.py
 	$(BIN)/python bench/train_heads.py
+	$(BIN)/python bench/encode_s3.py
+	$(BIN)/python bench/dedup_quality.py
+	$(BIN)/python bench/scale.py
+	@# the full GPU table on a CUDA machine; a --quick smoke run elsewhere
+	$(BIN)/python bench/encode_gpu.py $$($(BIN)/python -c "import torch; print('' if torch.cuda.is_available() else '--quick')")
 
 clean:
 	rm -rf $(VENV) attnpipe-demo
