@@ -215,6 +215,9 @@ def start_run(out: str, info: dict, resume: bool = True, replace: bool = False) 
     fs.makedirs(out)
     run = None
     for old in unfinished_runs(out):
+        if not old.info:  # a staging area without its run.json (a half-deleted one): nothing to resume or refuse
+            old.discard()
+            continue
         diff = differences(old.info.get("command", {}), info)
         if not diff and resume and run is None:
             run = old

@@ -1,0 +1,64 @@
+"""The embeddings dataset's commit protocol without Ray: runs, shard commits, resume, refusal, what gets deleted."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from attnpipe import store
+
+
+def _table(ids: list[str]) -> pa.Table:
+    return pa.table({"id": ids, "status": ["ok"] * len(ids)})
+
+
+def _vectors(path: str, n: int = 40) -> None:
+    X = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
+    store.write_vectors(path, [f"s/{i:03d}" for i in range(n)], X, num_shards=2)
+
+
+def test_resume_skips_committed_shards_and_publish_cleans_up(tmp_path):
+    out = str(tmp_path / "emb")
+    run = store.start_run(out, {"inputs": {"a": "f1", "b": "f2"}})
+    rec = store.write_part(out, run.token, "a", _table(["a/1", "a/2"]))
+    run.commit_shard({"name": "a", "parts": [rec["file"]], "rows": 2, "ok": 2}, [rec])
+    orphan = store.write_part(out, run.token, "b", _table(["b/1"]))["file"]  # written, never committed (a kill)
+
+    again = store.start_run(out, {"inputs": {"a": "f1", "b": "f2"}})  # the same command: resumed
+    assert again.token == run.token and set(again.resumed) == {"a"}
+    with pytest.raises(store.RunMismatch, match="inputs.b"):
+        store.start_run(out, {"inputs": {"a": "f1", "b": "CHANGED"}})
+    rec_b = store.write_part(out, again.token, "b", _table(["b/1"]))
+    again.commit_shard({"name": "b", "parts": [rec_b["file"]], "rows": 1, "ok": 1}, [rec_b])
+    entries = [r["entry"] for r in again.committed().values()]
+    manifest = again.publish(entries, {"model": {}})
+    assert set(manifest["checksums"]) == {rec["file"], rec_b["file"]}
+    assert orphan not in os.listdir(out) and "_staging" not in os.listdir(out)
+    assert store.read_manifest(out)["self_sha256"] == manifest["self_sha256"]
+
+
+def test_discarding_a_run_never_deletes_a_listed_part_or_a_foreign_file(tmp_path):
+    out = str(tmp_path / "emb")
+    _vectors(out)
+    listed = set(store.part_numbers(store.read_manifest(out)))
+    foreign = tmp_path / "emb" / "part-00000-x.snappy.parquet"
+    foreign.write_bytes(b"spark")
+    os.makedirs(tmp_path / "emb" / "_staging" / "deadbeef" / "shards")  # a half-deleted staging area
+    token = next(iter(listed)).split("-")[-2]
+    os.makedirs(tmp_path / "emb" / "_staging" / token)  # a stale staging dir of the run that published
+    store.start_run(out, {"other": 1}, replace=True)
+    assert listed <= set(os.listdir(out)) and foreign.exists()
+    assert len(store.load_vectors(out)[0]) == 40
+    assert store.clean_dataset(out) and foreign.exists() and listed <= set(os.listdir(out))
+
+
+def test_manifest_edit_is_caught(tmp_path):
+    out = str(tmp_path / "emb")
+    _vectors(out)
+    path = tmp_path / "emb" / "_manifest.json"
+    path.write_text(path.read_text().replace('"rows": 20', '"rows": 21', 1))
+    with pytest.raises(store.DamagedData, match="does not match its recorded checksum"):
+        store.open_dataset(out)
