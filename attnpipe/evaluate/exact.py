@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from attnpipe import store
+from attnpipe import log, store
 from attnpipe.evaluate import attention as attn_stats
 from attnpipe.index import faiss_index as fx
 
@@ -173,7 +173,10 @@ def scan(
         np.full(len(pair_fid), np.nan, np.float32),
     )
     jobs = [(p, routed[p.number]) for p in parts]
-    for (_, sel), r in zip(jobs, _run(ds.path, spec, jobs, pair_q, pair_fid, workers, seed)):
+    results = log.progress(
+        _run(ds.path, spec, jobs, pair_q, pair_fid, workers, seed), "eval: gallery", len(jobs), "part"
+    )
+    for r, (_, sel) in zip(results, jobs):  # results first: its progress line logs when it is exhausted
         result.exact_scores, result.exact_ids, result.exact_rel = merge_topk(
             (result.exact_scores, result.exact_ids, result.exact_rel), (r["D"], r["I"], r["rel"]), spec.k
         )

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from attnpipe import fs, store
+from attnpipe import fs, log, store
 from attnpipe.index import faiss_index as fx
 from attnpipe.index import layout, ondisk
 from attnpipe.index.config import LSH_CHOICES, IndexConfig, plan
@@ -252,7 +252,8 @@ def build_index(
         codes: list[np.ndarray] = []
         hashes: list[np.ndarray] = []
         fid_chunks: list[np.ndarray] = []
-        for r in run_adders(index, ds.path, groups, Q, lsh_cfg, remote, stage if ondisk_lists else None):
+        adders = run_adders(index, ds.path, groups, Q, lsh_cfg, remote, stage if ondisk_lists else None)
+        for r in log.progress(adders, "index: adding", len(groups), "group"):
             ids_writer.write_table(pa.table({"faiss_id": r["fids"], "id": r["ids"]}, schema=IDS_SCHEMA))
             fid_chunks.append(r["fids"])
             if exact is None:
