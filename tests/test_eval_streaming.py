@@ -58,20 +58,7 @@ def write_rich(path: str, **kw) -> None:
     run = store.start_run(path, {"synthetic": "rich", **{k: str(v) for k, v in kw.items()}}, resume=False, replace=True)
     entries = []
     for name, t in rich_tables(**kw):
-        rec = store.write_part(path, run.token, name, t)
-        entry = {
-            "name": name,
-            "uri": "synthetic",
-            "format": "synthetic",
-            "size": 0,
-            "mtime_ns": 0,
-            "fingerprint": f"synthetic:{name}",
-            "parts": [rec["file"]],
-            "rows": rec["rows"],
-            "ok": rec["ok"],
-        }
-        run.commit_shard(entry, [rec])
-        entries.append(entry)
+        entries.append(run.add_table(name, t))
     run.publish(entries, {"model": {"backbone": "synthetic"}})
 
 

@@ -32,24 +32,7 @@ def _add_shard(path: str, name: str, X: np.ndarray) -> None:
     (part,) = store.open_dataset(tmp).parts()
     table = store.read_part(tmp, part)
     shutil.rmtree(tmp)
-    _publish(path, lambda entries, run: [*entries, _entry(path, run, part.shard, table)])
-
-
-def _entry(path: str, run, shard: str, table) -> dict:
-    rec = store.write_part(path, run.token, shard, table)
-    entry = {
-        "name": shard,
-        "uri": "synthetic",
-        "format": "synthetic",
-        "size": 0,
-        "mtime_ns": 0,
-        "fingerprint": f"synthetic:{shard}",
-        "parts": [rec["file"]],
-        "rows": rec["rows"],
-        "ok": rec["ok"],
-    }
-    run.commit_shard(entry, [rec])
-    return entry
+    _publish(path, lambda entries, run: [*entries, run.add_table(part.shard, table)])
 
 
 def _publish(path: str, change) -> None:

@@ -96,6 +96,24 @@ class Run:
     def dir(self) -> str:
         return fs.join(self.out, STAGING, self.token)
 
+    def add_table(self, shard: str, table: pa.Table, fingerprint: str | None = None) -> dict:
+        """Write a ready-made table as one part of ``shard`` and commit that shard (tests, benchmarks, synthetic
+        data); returns its manifest entry."""
+        rec = write_part(self.out, self.token, shard, table)
+        entry = {
+            "name": shard,
+            "uri": "synthetic",
+            "format": "synthetic",
+            "size": 0,
+            "mtime_ns": 0,
+            "fingerprint": fingerprint or f"synthetic:{shard}",
+            "parts": [rec["file"]],
+            "rows": rec["rows"],
+            "ok": rec["ok"],
+        }
+        self.commit_shard(entry, [rec])
+        return entry
+
     def commit_shard(self, entry: dict, parts: list[dict]) -> None:
         """Record one finished shard (its parts exist): a rerun of the same command will skip it."""
         missing = [p["file"] for p in parts if fs.info(fs.join(self.out, p["file"])).size != p["size"]]
@@ -297,18 +315,5 @@ def write_vectors(
             },
             schema=sch,
         )
-        rec = write_part(out, run.token, name, table)
-        entry = {
-            "name": name,
-            "uri": "synthetic",
-            "format": "synthetic",
-            "size": 0,
-            "mtime_ns": 0,
-            "fingerprint": f"synthetic:{s}:{m}",
-            "parts": [rec["file"]],
-            "rows": m,
-            "ok": m,
-        }
-        run.commit_shard(entry, [rec])
-        entries.append(entry)
+        entries.append(run.add_table(name, table, f"synthetic:{s}:{m}"))
     run.publish(entries, {"model": {"backbone": model}})
