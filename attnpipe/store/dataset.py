@@ -127,7 +127,13 @@ class Dataset:
         parts = self.parts()
         if not parts:
             return {}
-        meta = pq.read_schema(pa.BufferReader(_verified_bytes(self.path, parts[0]))).metadata or {}
+        uri = fs.join(self.path, parts[0].file)
+        fs_, path = fs.resolve(uri)
+        try:
+            with fs_.open_input_file(path) as f:  # the footer only: parts are verified when their rows are read
+                meta = pq.read_schema(f).metadata or {}
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise DamagedData(f"part {fs.display(uri)} is missing or damaged: {exc}") from None
         return {k.decode(): v.decode() for k, v in meta.items()}
 
     def config_text(self) -> str | None:
