@@ -41,8 +41,8 @@ def _flip(path: str, n: int = 32) -> None:
 def test_flipped_part_is_named_by_eval_and_search_then_reindex_repairs_it(built, tmp_path, capsys):
     data, emb, index = built
     part = store.open_dataset(emb).parts()[1]
-    _flip(os.path.join(emb, part.file))
-    some_id = store.read_part(emb, store.open_dataset(emb).parts()[0], ["id"]).column("id")[0].as_py()
+    some_id = store.read_part(emb, part, ["id"]).column("id")[0].as_py()
+    _flip(os.path.join(emb, part.file))  # search reads only the part holding the id it is asked for
 
     assert main(["eval", "--embeddings", emb, "--index", index, "--out", str(tmp_path / "ev")]) == 2
     assert part.file in capsys.readouterr().err

@@ -76,15 +76,20 @@ class SearchIndex:
         return D, [[n for n in row if n is not None] for row in names]
 
     def vector_of(self, id_: str) -> np.ndarray:
-        """The embedding of ``id_`` from the source embeddings dataset recorded in the manifest."""
+        """The embedding of ``id_``, read from the one source part that holds it (its faiss id says which)."""
         src = self.manifest["source"]["embeddings"]
-        table = store.read_embeddings(src, ["id", "status", "embedding"], filter=pc.field("id") == id_)
-        if table.num_rows == 0:
-            raise KeyError(f"id {id_!r} is not in {src}")
-        row = table.to_pylist()[0]
-        if row["status"] != "ok":
-            raise KeyError(f"id {id_!r} has no embedding (status={row['status']})")
-        return np.asarray(row["embedding"], np.float32)
+        hit = np.flatnonzero(self._ids == id_)
+        if len(hit) == 0:  # not indexed: an error row, or not in the dataset at all (say which)
+            table = store.read_embeddings(src, ["id", "status"], filter=pc.field("id") == id_)
+            status = table.column("status")[0].as_py() if table.num_rows else None
+            raise KeyError(f"id {id_!r} " + (f"has no embedding (status={status})" if status else f"is not in {src}"))
+        fid = int(self._fids[hit[0]])
+        part = next(p for p in store.open_dataset(src).parts() if p.number == fid >> 32)
+        ids, X = store.part_vectors(src, part)  # verified against the manifest's checksum
+        row = fid & 0xFFFFFFFF
+        if row >= len(ids) or ids[row] != id_:
+            raise store.DamagedData(f"{src} changed since the index was built ({id_!r} moved); run `attnpipe reindex`")
+        return X[row]
 
     def search_id(self, id_: str, k: int = 10) -> list[tuple[str, float]]:
         D, names = self.search(self.vector_of(id_)[None], k)
