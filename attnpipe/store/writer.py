@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,7 +172,7 @@ class Run:
         self.discard(listed)
         return manifest
 
-    def discard(self, listed: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    def discard(self, listed: Collection[str] = ()) -> list[str]:
         """Delete this run's staging area and its parts that ``listed`` does not name; returns the deleted parts."""
         live = _manifest_or_none(self.out)
         keep = set(listed) | (set(part_numbers(live)) if live else set())  # never a part a manifest lists
