@@ -332,6 +332,12 @@ def _transient(exc: OSError) -> bool:
     return any(s in text for s in signals) or "curl" in text
 
 
+def cache_dir(kind: str, key: str) -> str:
+    """This machine's cache folder for ``key`` (a URI): ``$ATTNPIPE_CACHE`` or ``~/.cache/attnpipe``, by kind."""
+    base = os.environ.get("ATTNPIPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnpipe")
+    return os.path.join(base, kind, hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
 def local_copy(uri: str, siblings: tuple[str, ...] = ()) -> str:
     """A local path holding the file ``uri`` (itself when local; else a cached download, refreshed when the
     object's size or mtime changes). Libraries that need a real file (torch, safetensors) read this.
@@ -341,8 +347,7 @@ def local_copy(uri: str, siblings: tuple[str, ...] = ()) -> str:
     """
     if is_local(uri):
         return resolve(uri)[1]
-    base = os.environ.get("ATTNPIPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnpipe")
-    folder = os.path.join(base, "files", hashlib.sha256(parent(uri).encode()).hexdigest()[:16])
+    folder = cache_dir("files", parent(uri))
     local = os.path.join(folder, basename(uri))
     for src, dst in [(uri, local)] + [(_with_suffix(uri, s), _with_suffix(local, s)) for s in siblings]:
         meta = info(src)

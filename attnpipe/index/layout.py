@@ -241,9 +241,7 @@ def _local_copy(root: str, version: str, manifest: dict) -> tuple[str, bool]:
     """A local directory with the version's files; (dir, True) when files were just downloaded."""
     if fs.is_local(root):
         return fs.resolve(fs.join(root, version))[1], False
-    base = os.environ.get("ATTNPIPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnpipe")
-    key = hashlib.sha256(f"{fs.display(root)}/{version}".encode()).hexdigest()[:16]
-    directory = os.path.join(base, "index", f"{key}-{version}")
+    directory = fs.cache_dir("index", f"{fs.display(root)}/{version}")
     fresh = False
     for rel in manifest.get("files", {}):
         local = os.path.join(directory, rel)

@@ -121,9 +121,6 @@ def train_for_demo(inputs: list[str], out: str, cfg: Config, epochs: int = 5) ->
 
 def _local_target(out: str) -> str:
     """Where a run for the object-store artifact ``out`` trains and keeps its checkpoints on this machine."""
-    import hashlib
     import os
 
-    base = os.environ.get("ATTNPIPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnpipe")
-    key = hashlib.sha256(fs.display(out).encode()).hexdigest()[:16]
-    return os.path.join(base, "train", key, fs.basename(out))
+    return os.path.join(fs.cache_dir("train", fs.display(out)), fs.basename(out))
