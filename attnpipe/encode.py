@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 
@@ -37,6 +38,9 @@ from attnpipe.runtime import init_ray
 
 log = logging.getLogger("attnpipe.encode")
 TRACKING = ("_unit", "_unit_rows")  # per-row bookkeeping columns, dropped before Parquet
+# Fault tests only: "N[:SECONDS]" makes the driver pause after N shard commits (an hour by default), so a kill lands
+# mid-run on every machine (without it the last commits and the publish can follow the first within milliseconds).
+HOLD_ENV = "ATTNPIPE_TEST_HOLD_AFTER_SHARDS"
 
 
 class EncodeActor:
@@ -165,6 +169,7 @@ def encode(
     if run.resumed:
         log.info("resuming %s: %d of %d shards already committed", fs.display(out), len(run.resumed), len(shards))
     committed = {name: rec["entry"] for name, rec in run.resumed.items()}
+    hold_after, _, hold_s = (os.environ.get(HOLD_ENV) or "0").partition(":")
     if todo:
         init_ray(ray_address)
         for i, (entry, parts) in enumerate(encode_shards(todo, out, run.token, cfg), 1):
@@ -172,6 +177,9 @@ def encode(
             committed[entry["name"]] = entry
             if _crash_after_shards is not None and i >= _crash_after_shards:
                 raise RuntimeError(f"injected failure after {i} committed shards (test hook)")
+            if i == int(hold_after):
+                log.warning("%s: pausing after %d committed shards (test hook)", HOLD_ENV, i)
+                time.sleep(float(hold_s or 3600))
     entries = [committed[s.name] for s in shards]
     run.publish(entries, {"model": model_signature(cfg)}, config=cfg.to_dict())
     summary = summarize(entries, out, time.perf_counter() - start)

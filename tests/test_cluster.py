@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from attnpipe import fs, store
+from attnpipe.encode import HOLD_ENV
 from tests._ray_head import RayCluster, RayWorker, alive_nodes, kill_node, ray_cluster, ray_exe
 from tests._rows import assert_exact, committed_shards, sample_to
 
@@ -74,10 +75,12 @@ class Job:
         return json.loads(line)
 
 
-def _encode_job(cluster: RayCluster, s3_server, log: Path, data: str, out: str, *overrides: str) -> Job:
+def _encode_job(
+    cluster: RayCluster, s3_server, log: Path, data: str, out: str, *overrides: str, env: dict | None = None
+) -> Job:
     sets = [a for kv in (*FAST, *overrides) for a in ("--set", kv)]
     entrypoint = ["python", "jobs/encode.py", "--input", data, "--out", out, *sets]
-    return Job(cluster, entrypoint, s3_server.env(), log)
+    return Job(cluster, entrypoint, {**s3_server.env(), **(env or {})}, log)
 
 
 def _cmdline(pid: int) -> str:
@@ -157,8 +160,10 @@ def test_worker_node_removed_mid_run(cluster: RayCluster, s3_server, tmp_path: P
     bucket = s3_server.make_bucket("cluster-node-loss")
     data, out = f"{bucket}/data", f"{bucket}/emb"
     ids = sample_to(data, n=192, shards=12)
+    # The driver pauses 10 s after its first shard commit, so the kill below lands before the publish everywhere.
+    hold = {HOLD_ENV: "1:10"}
     job = _encode_job(
-        cluster, s3_server, tmp_path / "job.log", data, out, "encode.num_encoders=2", "encode.rows_per_file=8"
+        cluster, s3_server, tmp_path / "job.log", data, out, "encode.num_encoders=2", "encode.rows_per_file=8", env=hold
     )
     victim: RayWorker | None = None
     while job.running() and victim is None:
