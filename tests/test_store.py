@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -62,3 +63,37 @@ def test_manifest_edit_is_caught(tmp_path):
     path.write_text(path.read_text().replace('"rows": 20', '"rows": 21', 1))
     with pytest.raises(store.DamagedData, match="does not match its recorded checksum"):
         store.open_dataset(out)
+
+
+def test_vectors_are_stored_plain_and_everything_else_compressed(tmp_path):
+    import pyarrow.parquet as pq
+
+    out = str(tmp_path / "emb")
+    _vectors(out)
+    part = store.open_dataset(out).parts()[0]
+    meta = pq.ParquetFile(os.path.join(out, part.file)).metadata.row_group(0)
+    columns = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    vector = columns["embedding.list.element"]
+    assert vector.compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in vector.encodings
+    assert columns["id"].compression == "ZSTD" and "RLE_DICTIONARY" in columns["id"].encodings
+
+
+def test_iter_parts_reads_ahead_in_order_and_names_a_damaged_part(tmp_path):
+    out = str(tmp_path / "emb")
+    _vectors(out, n=60)
+    ds = store.open_dataset(out)
+    parts = ds.parts()
+    got = list(store.iter_parts(out, parts, ["id", "embedding"], ok_only=True))
+    assert [p.file for p, _ in got] == [p.file for p in parts]
+    for part, table in got:
+        assert table.equals(store.read_part(out, part, ["id", "embedding"], ok_only=True))
+
+    victim = Path(out) / parts[-1].file
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    seen = []
+    with pytest.raises(store.DamagedData, match=parts[-1].file):
+        for part, _ in store.iter_parts(out, parts):
+            seen.append(part.file)
+    assert seen == [p.file for p in parts[:-1]]  # every part before the damaged one was handed over

@@ -55,16 +55,21 @@ def sample_rows(
     path: str, parts: list[store.Part], counts: list[int], size: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """``size`` rows drawn uniformly without replacement across all parts, reading only the parts that hold them
-    (one at a time): vectors and their faiss ids."""
+    (one in use, the next one being read): vectors and their faiss ids."""
     total = sum(counts)
     chosen = np.sort(rng.choice(total, size=min(size, total), replace=False))
     offsets = np.cumsum([0, *counts])
-    rows, fids = [], []
+    local_rows: dict[int, tuple[np.ndarray, int]] = {}  # part number -> (chosen rows in its ok rows, its ok rows)
     for i, part in enumerate(parts):
         local = chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i]
-        if len(local):  # the embedding column only: no string ids decoded
-            rows.append(store.embedding_matrix(store.read_part(path, part, ["embedding"], ok_only=True))[local])
-            fids.append(faiss_ids(part.number, counts[i])[local])
+        if len(local):
+            local_rows[part.number] = (local, counts[i])
+    holding = [p for p in parts if p.number in local_rows]
+    rows, fids = [], []
+    for part, t in store.iter_parts(path, holding, ["embedding"], ok_only=True):  # no string ids decoded
+        local, count = local_rows[part.number]
+        rows.append(store.embedding_matrix(t)[local])
+        fids.append(faiss_ids(part.number, count)[local])
     if not rows:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     return np.concatenate(rows), np.concatenate(fids)
@@ -92,8 +97,7 @@ def add_parts(
     all_ids, all_fids, codes, hashes = [], [], [], []
     k = TUNE_K + 1  # +1: queries are indexed (leave-one-out)
     D, I = fx.exact_topk(np.zeros((0, queries.shape[1]), np.float32), np.zeros(0, np.int64), queries, k)
-    for part in parts:
-        t = store.read_part(path, part, ["id", "embedding"], ok_only=True)
+    for part, t in store.iter_parts(path, parts, ["id", "embedding"], ok_only=True):
         if not t.num_rows:
             continue
         ids, X = t.column("id"), store.embedding_matrix(t)  # ids stay Arrow strings (no Python object per row)
@@ -125,13 +129,13 @@ def add_parts(
 
 
 def tuning_queries(queries: int, n: int, index: faiss.Index) -> int:
-    """How many indexed vectors tune nprobe: ``queries``, but for an IVF index at most max(250, nlist / 2).
+    """How many indexed vectors tune nprobe: ``queries``, but for an IVF index at most max(250, nlist / 4).
 
-    Their exact top-k costs queries·n·d, adding costs n·nlist·d: with a small nlist the exact pass would cost as
-    much as the whole add for a recall estimate that 250+ queries (2,500+ neighbours) already pin to about ±0.01.
+    Their exact top-k costs queries·n·d, adding costs n·nlist·d: capped, the exact pass costs at most a quarter of
+    the add, for a recall estimate that 250+ queries (2,500+ neighbours) already pin to about ±0.01.
     """
     ivf = fx._ivf(index)
-    cap = max(250, ivf.nlist // 2) if ivf is not None else queries
+    cap = max(250, ivf.nlist // 4) if ivf is not None else queries
     return min(queries, cap, n)
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,10 +200,27 @@ def read_part(path: str, part: Part | str, columns: list[str] | None = None, ok_
     except (OSError, pa.ArrowInvalid) as exc:
         raise DamagedData(f"part {fs.display(fs.join(path, part.file))} cannot be read as Parquet: {exc}") from None
     if ok_only:
-        table = table.filter(pc.equal(table.column("status"), "ok"))
+        if part.ok != table.num_rows:  # a filter copies every column: skip it when every row is ok
+            table = table.filter(pc.equal(table.column("status"), "ok"))
         if columns is not None and "status" not in columns:
             table = table.drop_columns(["status"])
     return table
+
+
+def iter_parts(
+    path: str, parts: Iterable[Part], columns: list[str] | None = None, ok_only: bool = False
+) -> Iterator[tuple[Part, pa.Table]]:
+    """``(part, table)`` for each part in order, like :func:`read_part`; the next part is read in a thread while
+    the caller works on this one (reading and checksumming release the GIL), so at most two are in memory."""
+    with ThreadPoolExecutor(1, thread_name_prefix="attnpipe-read") as pool:
+        ahead: tuple[Part, Future[pa.Table]] | None = None
+        for part in parts:
+            nxt = (part, pool.submit(read_part, path, part, columns, ok_only))
+            if ahead is not None:
+                yield ahead[0], ahead[1].result()
+            ahead = nxt
+        if ahead is not None:
+            yield ahead[0], ahead[1].result()
 
 
 def embedding_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:

@@ -63,13 +63,30 @@ def owned_by(name: str, token: str) -> bool:
     return bool(re.fullmatch(rf"part-.+-{token}-[0-9a-f]{{8}}\.parquet", name))
 
 
+def parquet_options(schema: pa.Schema) -> dict:
+    """Float vector columns plain and uncompressed, everything else zstd with dictionaries.
+
+    Embeddings barely compress (zstd saves ~7% on them) but decompressing costs half their read time, and a
+    dictionary over floats is always abandoned after it was tried: every index build and evaluation reads them.
+    """
+
+    def floats(t: pa.DataType) -> bool:
+        return pa.types.is_floating(t.value_type) if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) else False
+
+    vectors = {f.name for f in schema if floats(f.type)}
+    return {
+        "compression": {f.name: "none" if f.name in vectors else "zstd" for f in schema},
+        "use_dictionary": [f.name for f in schema if f.name not in vectors],
+    }
+
+
 def write_part(out: str, token: str, shard: str, table: pa.Table) -> dict:
     """Write one part of ``shard`` into dataset ``out`` (one PUT); returns its record for the manifest.
 
     Runs inside Ray tasks: every argument is a plain value.
     """
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, **parquet_options(table.schema))
     buf = sink.getvalue()
     name = part_name(shard, token)
     fs.write_bytes(fs.join(out, name), buf)
