@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,27 @@ def test_json_only_with_json_and_log_lines_on_stderr(tmp_path, capsys):
     assert capsys.readouterr().err == ""  # also after the command
     assert main(["-q", "index", "--embeddings", str(tmp_path), "--out", str(tmp_path / "i")]) == 2
     assert "not an attnpipe embeddings dataset" in capsys.readouterr().err  # errors survive -q
+
+
+JOBS = {  # jobs/<script>.py -> the attnpipe command it runs
+    "build_index": "index",
+    "dedup": "dedup",
+    "encode": "encode",
+    "evaluate": "eval",
+    "pipeline": "run",
+    "reindex": "reindex",
+    "train_head": "train",
+    "verify": "verify",
+}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_ray_job_script_runs_its_command():
+    """Each thin wrapper in jobs/ runs as a script (what ``ray job submit -- python jobs/X.py`` does) and reaches
+    its command's parser; the jobs themselves run under ``ray job submit`` in test_job_submit.py/test_cluster.py."""
+    assert sorted(p.stem for p in (REPO / "jobs").glob("*.py")) == sorted(JOBS)  # a new job needs an entry here
+    for script, command in JOBS.items():
+        args = [sys.executable, f"jobs/{script}.py", "--help"]
+        proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, (script, proc.stderr[-2000:])
+        assert proc.stdout.startswith(f"usage: attnpipe {command} "), (script, proc.stdout[:300])

@@ -100,14 +100,53 @@ def test_same_input_same_embeddings(ray_session, sample_inputs, encoded, tmp_pat
     np.testing.assert_allclose(X, np.stack([ref[i] for i in ids]), atol=2e-2)
 
 
-def test_every_pooling_head_through_ray(ray_session, sample_inputs, tmp_path):
+def _decoded_batch(inputs: list[str], cfg) -> dict[str, np.ndarray]:
+    """Every row of ``inputs`` as the encoder actors receive it: read units -> Arrow -> Ray's numpy batch -> decoded."""
+    import pyarrow as pa
+    from ray.data.block import BlockAccessor
+
+    from attnpipe.data.decode import decode_batch
+    from attnpipe.encode import _read_batch, plan_units
+
+    table = _read_batch(pa.Table.from_pylist(plan_units(discover(inputs), cfg)), cfg.data.max_bytes)
+    batch = BlockAccessor.for_block(table).to_numpy()  # the conversion map_batches(batch_format="numpy") does
+    return decode_batch(batch, size=cfg.data.image_size, max_pixels=cfg.data.max_pixels)
+
+
+def test_every_pooling_head_in_the_encoder_actor(sample_inputs):
+    """The actor class map_batches runs, called in-process: every head gives unit-norm embeddings, valid attention
+    maps and its own name in the schema metadata (one head through Ray: the next test)."""
+    from attnpipe.encode import EncodeActor
+
+    batch = _decoded_batch([sample_inputs["parquet"]], fast_config())
+    assert (batch["status"] == "ok").all() and len(batch["id"]) == 14
+    seen = {}
     for head in list_poolings():
-        out = str(tmp_path / head)
-        summary = encode([sample_inputs["parquet"]], out, fast_config(f"model.pooling={head}"))
-        assert summary["ok"] == 14, head
-        _, X = store.load_vectors(out)
-        np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-5, err_msg=head)
-        assert store.dataset_metadata(out)["attnpipe.pooling"] == head
+        table = EncodeActor(fast_config(f"model.pooling={head}").to_dict())(dict(batch))
+        assert table.num_rows == 14 and table.column("id").to_pylist() == list(batch["id"]), head
+        meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+        assert meta["attnpipe.pooling"] == head and meta["attnpipe.model"] == "resnet18", meta
+        emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+        assert emb.shape[1] == int(meta["attnpipe.embedding_dim"]), head
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5, err_msg=head)
+        attn = np.stack(table.column("attention").to_numpy(zero_copy_only=False)).astype(np.float32)
+        assert attn.shape == (14, 4) and (table.column("attn_h").to_numpy() == 2).all(), head  # 2x2 at 64 px
+        np.testing.assert_allclose(attn.sum(1), 1.0, atol=5e-3, err_msg=head)  # stored as float16
+        assert (attn >= 0).all(), head
+        seen[head] = emb
+    assert seen["avgmax"].shape[1] == 2 * seen["avg"].shape[1]  # the concat of avg and max
+    assert not np.allclose(seen["avg"], seen["max"])  # the head is really applied, not one fixed pooling
+
+
+def test_non_default_pooling_head_through_ray(ray_session, sample_inputs, tmp_path):
+    out = str(tmp_path / "avgmax")
+    summary = encode([sample_inputs["parquet"]], out, fast_config("model.pooling=avgmax"))
+    assert summary["ok"] == 14
+    _, X = store.load_vectors(out)
+    assert X.shape == (14, 1024)  # avgmax concatenates avg and max: twice resnet18's 512 channels
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-5)
+    meta = store.dataset_metadata(out)
+    assert meta["attnpipe.pooling"] == "avgmax" and meta["attnpipe.embedding_dim"] == "1024"
 
 
 def test_failed_run_leaves_previous_output_untouched_and_resumes(ray_session, sample_inputs, tmp_path):

@@ -88,96 +88,59 @@ def test_working_dir_upload_leaves_out_gitignored_files(head: RayHead) -> None:
     assert ".venv" not in listing, listing
 
 
-def test_encode_job(head: RayHead, tmp_path: Path) -> None:
+def test_pipeline_job_then_reindex_job(head: RayHead, tmp_path: Path) -> None:
+    """``jobs/pipeline.py`` (encode -> index -> eval in one job) and then ``jobs/reindex.py`` on the same head, over
+    what the first job wrote. The other thin wrappers in jobs/ are covered by tests/test_cli.py (``--help`` of each)
+    and jobs/encode.py by ``ray job submit`` in tests/test_cluster.py."""
     from attnpipe.data.sample import make_sample
+    from attnpipe.index.layout import current_version
+    from attnpipe.index.search import SearchIndex
 
-    data = tmp_path / "data"
-    out = tmp_path / "emb"
+    data, work = tmp_path / "data", tmp_path / "work"
     make_sample(str(data), fmt="tar", n=40, num_shards=2, image_size=64)
+    sets = ["--set", "model.backbone=resnet18", "--set", "data.image_size=64"]
     proc = _submit(
         head,
-        "python", "jobs/encode.py",
+        "python", "jobs/pipeline.py",
         "--input", str(data),
-        "--out", str(out),
-        "--set", "model.backbone=resnet18",
-        "--set", "data.image_size=64",
+        "--workdir", str(work),
+        "--no-train",
+        *sets,
         "--set", "encode.batch_size=16",
         working_dir=REPO,
     )  # fmt: skip
     _assert_succeeded(proc)
-    assert (out / "_manifest.json").is_file(), _explain(proc)
+    line = next((s for s in reversed(proc.stdout.splitlines()) if s.startswith('{"embeddings"')), None)
+    assert line is not None, _explain(proc)
+    result = json.loads(line)  # the job's --json summary ends its log
+    assert (result["embeddings"]["rows"], result["embeddings"]["ok"]) == (40, 40), result
+    assert (result["index"]["version"], result["index"]["count"]) == ("v1", 40), result
+    assert {"exact", "faiss", "lsh"} <= set(result["eval"]), result
+
+    emb, root, report = work / "embeddings", work / "index", work / "eval"
+    assert (emb / "_manifest.json").is_file(), _explain(proc)
 
     import pyarrow.dataset as pads
 
-    assert pads.dataset(str(out), format="parquet").count_rows() == 40, _explain(proc)
-
-    # The index stage as a second job on the same head, over what the first one wrote.
-    root = tmp_path / "index"
-    proc = _submit(
-        head,
-        "python",
-        "jobs/build_index.py",
-        "--embeddings",
-        str(out),
-        "--out",
-        str(root),
-        "--lsh",
-        "both",
-        "--workers",
-        "2",
-        working_dir=REPO,
-    )
-    _assert_succeeded(proc)
-    from attnpipe.index.layout import current_version
-    from attnpipe.index.search import SearchIndex
-
+    assert pads.dataset(str(emb), format="parquet").count_rows() == 40, _explain(proc)
     assert current_version(str(root)) == "v1", _explain(proc)
-
     index = SearchIndex.load(str(root))
-    assert index.count == 40 and index.manifest["workers"] == 2
-
-    # And the evaluation stage, the third job of the pipeline.
-    report = tmp_path / "eval"
-    proc = _submit(
-        head,
-        "python",
-        "jobs/evaluate.py",
-        "--embeddings",
-        str(out),
-        "--index",
-        str(root),
-        "--out",
-        str(report),
-        "--num-queries",
-        "20",
-        working_dir=REPO,
-    )
-    _assert_succeeded(proc)
-    import json
-
+    assert index.count == 40 and "simhash" in index.manifest["lsh"] and "minhash" in index.manifest["lsh"]
     metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["meta"]["queries"] == 20 and (report / "report.html").is_file(), _explain(proc)
+    assert metrics["meta"]["queries"] == 40 and (report / "report.html").is_file(), _explain(proc)
 
-    # Scheduled re-indexing as a fourth job: a shard disappeared, so it re-encodes nothing and updates the index.
+    # Scheduled re-indexing as a second job: a shard disappeared, so it re-encodes nothing and updates the index.
     (data / "shard-00001.tar").unlink()
     proc = _submit(
         head,
-        "python",
-        "jobs/reindex.py",
-        "--input",
-        str(data),
-        "--embeddings",
-        str(out),
-        "--index",
-        str(root),
-        "--lsh",
-        "both",
-        "--set",
-        "model.backbone=resnet18",
-        "--set",
-        "data.image_size=64",
+        "python", "jobs/reindex.py",
+        "--input", str(data),
+        "--embeddings", str(emb),
+        "--index", str(root),
+        "--lsh", "both",
+        *sets,
         working_dir=REPO,
-    )
+    )  # fmt: skip
     _assert_succeeded(proc)
     line = next(s for s in reversed(proc.stdout.splitlines()) if s.startswith('{"added"'))
     summary = json.loads(line)

@@ -31,18 +31,18 @@ def _shard_ids(index: SearchIndex) -> set[str]:
 
 
 def test_reindex_added_changed_removed(ray_session, tmp_path):
-    """5 shards x 1,000 images -> v1; then +1 shard, 1 rewritten in place, 1 deleted -> only 2 shards encoded."""
+    """5 shards x 300 images -> v1; then +1 shard, 1 rewritten in place, 1 deleted -> only 2 shards encoded."""
     data, emb, root = tmp_path / "data", str(tmp_path / "emb"), str(tmp_path / "index")
-    make_sample(str(data), fmt="tar", n=5000, num_shards=5, image_size=48, seed=0)
+    make_sample(str(data), fmt="tar", n=1500, num_shards=5, image_size=48, seed=0)
     cfg = fast_config("data.image_size=32")
     first = reindex([str(data)], emb, root, cfg, factory="IVF16,Flat")
     assert first["added"] == [f"shard-{i:05d}" for i in range(5)] and first["version"] == "v1"
-    assert first["vectors"] == 5000 and first["encoded_images"] == 5000 and first["index_update"] == "full"
+    assert first["vectors"] == 1500 and first["encoded_images"] == 1500 and first["index_update"] == "full"
     before = {r["id"]: r["embedding"] for r in store.read_embeddings(emb, ["id", "embedding"]).to_pylist()}
 
-    make_sample(str(tmp_path / "new"), fmt="tar", n=1000, num_shards=1, image_size=48, seed=5, prefix="extra")
+    make_sample(str(tmp_path / "new"), fmt="tar", n=300, num_shards=1, image_size=48, seed=5, prefix="extra")
     shutil.move(tmp_path / "new" / "extra-00000.tar", data / "extra-00000.tar")
-    make_sample(str(tmp_path / "other"), fmt="tar", n=1000, num_shards=1, image_size=48, seed=9)
+    make_sample(str(tmp_path / "other"), fmt="tar", n=300, num_shards=1, image_size=48, seed=9)
     shutil.copy(tmp_path / "other" / "shard-00000.tar", data / "shard-00001.tar")  # same name, new content
     os.remove(data / "shard-00004.tar")
     second = reindex([str(data)], emb, root, cfg, factory="IVF16,Flat")
@@ -52,29 +52,29 @@ def test_reindex_added_changed_removed(ray_session, tmp_path):
         ["shard-00004"],
     )
     assert second["unchanged"] == ["shard-00000", "shard-00002", "shard-00003"]
-    assert second["encoded_images"] == 2000 and second["index_update"] == "incremental"
-    assert second["version"] == "v2" and second["vectors"] == 5000
+    assert second["encoded_images"] == 600 and second["index_update"] == "incremental"
+    assert second["version"] == "v2" and second["vectors"] == 1500
 
     live = SearchIndex.load(root)
-    assert live.indexes[0].ntotal == 5000 and len(live.id_map[0]) == 5000
+    assert live.indexes[0].ntotal == 1500 and len(live.id_map[0]) == 1500
     assert _shard_ids(live) == {"extra-00000", "shard-00000", "shard-00001", "shard-00002", "shard-00003"}
     assert live.manifest["update"] == {
         "mode": "incremental",
         "base": "v1",
         "added_parts": 2,
         "removed_parts": 2,
-        "added_vectors": 2000,
-        "removed_vectors": 2000,
+        "added_vectors": 600,
+        "removed_vectors": 600,
     }
     assert live.manifest["faiss"]["recall@10"] >= 0.9  # re-measured on the new version
     assert "shard-00004" in _shard_ids(SearchIndex.load(root, "v1"))  # the previous version is still there
     assert live.search_id("extra-00000/000007", 1)[0][0] == "extra-00000/000007"
 
     after = {r["id"]: r["embedding"] for r in store.read_embeddings(emb, ["id", "embedding"]).to_pylist()}
-    assert len(after) == 5000 and not any(i.startswith("shard-00004/") for i in after)  # no orphan, no duplicate
+    assert len(after) == 1500 and not any(i.startswith("shard-00004/") for i in after)  # no orphan, no duplicate
     assert all(after[i] == before[i] for i in after if i.startswith("shard-00002/"))  # untouched: not re-encoded
     rewritten = {i for i in after if i.startswith("shard-00001/")}  # re-encoded from its new content (new keys)
-    assert len(rewritten) == 1000 and rewritten != {i for i in before if i.startswith("shard-00001/")}
+    assert len(rewritten) == 300 and rewritten != {i for i in before if i.startswith("shard-00001/")}
 
     third = reindex([str(data)], emb, root, cfg, factory="IVF16,Flat")
     assert third["encoded_images"] == 0 and third["index_update"] == "none" and third["version"] == "v2"
