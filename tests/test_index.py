@@ -183,3 +183,18 @@ def test_sigkill_mid_build_keeps_current(ray_session, vectors, tmp_path):
     build_index(vectors[0], root, factory="IVF64,Flat", lsh="none", workers=2)
     assert current_version(root) == "v2" and not [d for d in os.listdir(root) if "staging" in d]
     assert SearchIndex.load(root).manifest["faiss"]["factory"] == "IVF64,Flat"
+
+
+def test_damaged_part_fails_the_build_by_name_before_publishing(tmp_path):
+    """The training sample is read without sha256 (size only); the add pass verifies every part, so a part damaged
+    inside its vectors still stops the build, named, and no version is published."""
+    path = str(tmp_path / "emb")
+    store.write_vectors(path, [f"s/{i}" for i in range(2_000)], clustered(2_000, 16, 8), num_shards=4)
+    victim = store.open_dataset(path).parts()[2]
+    raw = bytearray((tmp_path / "emb" / victim.file).read_bytes())
+    raw[len(raw) // 3] ^= 0x01  # one bit inside the plain float column: Parquet still parses it
+    (tmp_path / "emb" / victim.file).write_bytes(bytes(raw))
+    root = str(tmp_path / "index")
+    with pytest.raises(store.DamagedData, match=victim.file):
+        build_index(path, root, factory="IVF8,Flat", workers=1, lsh="none")
+    assert not (tmp_path / "index" / "CURRENT").exists() and versions(root) == []

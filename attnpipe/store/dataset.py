@@ -155,7 +155,7 @@ def open_dataset(path: str) -> Dataset:
     return Dataset(path, read_manifest(path))
 
 
-def _verified_bytes(path: str, part: Part) -> pa.Buffer:
+def _verified_bytes(path: str, part: Part, sha256: bool = True) -> pa.Buffer:
     uri = fs.join(path, part.file)
     try:
         buf = fs.read_buffer(uri)
@@ -163,7 +163,7 @@ def _verified_bytes(path: str, part: Part) -> pa.Buffer:
         raise DamagedData(f"part {fs.display(uri)} is missing (listed in {MANIFEST})") from None
     if part.size is not None and buf.size != part.size:
         raise DamagedData(f"part {fs.display(uri)} is damaged: {buf.size} bytes, {MANIFEST} recorded {part.size}")
-    if part.sha256 is not None and fs.sha256_bytes(buf) != part.sha256:
+    if sha256 and part.sha256 is not None and fs.sha256_bytes(buf) != part.sha256:
         raise DamagedData(f"part {fs.display(uri)} is damaged: its sha256 does not match {MANIFEST}")
     return buf
 
@@ -183,17 +183,21 @@ def damaged_parts(path: str, manifest: dict, full: bool = True) -> dict[str, str
     return bad
 
 
-def read_part(path: str, part: Part | str, columns: list[str] | None = None, ok_only: bool = False) -> pa.Table:
-    """One part, verified against its recorded checksum; ``ok_only`` keeps rows with ``status == "ok"``.
+def read_part(
+    path: str, part: Part | str, columns: list[str] | None = None, ok_only: bool = False, sha256: bool = True
+) -> pa.Table:
+    """One part, verified against its recorded size and checksum; ``ok_only`` keeps rows with ``status == "ok"``.
 
-    Takes plain values (a path and a :class:`Part` or file name), so it runs inside Ray tasks.
+    ``sha256=False`` checks the size only: for a pass whose result is thrown away unless a later, verified pass
+    over the same part succeeds (the index build's training sample). Takes plain values (a path and a
+    :class:`Part` or file name), so it runs inside Ray tasks.
 
     Raises:
         DamagedData: the part is missing, has another size or checksum, or does not parse.
     """
     if isinstance(part, str):
         part = open_dataset(path).part(part)
-    buf = _verified_bytes(path, part)
+    buf = _verified_bytes(path, part, sha256)
     cols = None if columns is None else list(dict.fromkeys([*columns, *(["status"] if ok_only else [])]))
     try:
         table = pq.read_table(pa.BufferReader(buf), columns=cols)
@@ -208,14 +212,14 @@ def read_part(path: str, part: Part | str, columns: list[str] | None = None, ok_
 
 
 def iter_parts(
-    path: str, parts: Iterable[Part], columns: list[str] | None = None, ok_only: bool = False
+    path: str, parts: Iterable[Part], columns: list[str] | None = None, ok_only: bool = False, sha256: bool = True
 ) -> Iterator[tuple[Part, pa.Table]]:
     """``(part, table)`` for each part in order, like :func:`read_part`; the next part is read in a thread while
     the caller works on this one (reading and checksumming release the GIL), so at most two are in memory."""
     with ThreadPoolExecutor(1, thread_name_prefix="attnpipe-read") as pool:
         ahead: tuple[Part, Future[pa.Table]] | None = None
         for part in parts:
-            nxt = (part, pool.submit(read_part, path, part, columns, ok_only))
+            nxt = (part, pool.submit(read_part, path, part, columns, ok_only, sha256))
             if ahead is not None:
                 yield ahead[0], ahead[1].result()
             ahead = nxt
