@@ -80,7 +80,7 @@ class S3Server:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
-                self.process.wait(10)
+                self.process.wait(3)  # weed's graceful stop hangs on open gRPC streams: it ends up killed anyway
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
@@ -129,6 +129,8 @@ def start(directory: str) -> S3Server:
         "-master.volumeSizeLimitMB=64", f"-volume.port={volume}", f"-volume.port.grpc={grpc[2]}",
         f"-filer.port={filer}", f"-filer.port.grpc={grpc[3]}", "-volume.max=0", "-s3.port.iceberg=0",
         "-s3.port.lance=0",
+        # A restarted master (restart() below) waits one election timeout (default 10 s) before it leads again.
+        "-master.electionTimeout=1s",
     ]  # fmt: skip
     server = S3Server(_spawn(args, directory), s3, directory, args)
     _wait_ready(server)
