@@ -55,7 +55,7 @@ def _driver_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
-def test_driver_sigkill_then_same_command_resumes(s3_server, tmp_path: Path) -> None:
+def test_driver_sigkill_then_same_command_resumes(s3_server, ray_session, tmp_path: Path) -> None:
     bucket = s3_server.make_bucket("fault-driver")
     data, out = f"{bucket}/data", f"{bucket}/emb"
     ids = sample_to(data, n=96, shards=6)
@@ -78,7 +78,9 @@ def test_driver_sigkill_then_same_command_resumes(s3_server, tmp_path: Path) -> 
     assert not _published(out), "the killed run published"
     assert len(committed_shards(out)) == 2, committed_shards(out)
 
-    rerun = subprocess.run(cmd, env=_driver_env(), capture_output=True, text=True, timeout=240, check=False)
+    # The same command again, joining the test session's Ray this time (a driver of its own, no Ray start-up)
+    joined = {**_driver_env(), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    rerun = subprocess.run(cmd, env=joined, capture_output=True, text=True, timeout=240, check=False)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["resumed_shards"] == 2, summary
