@@ -84,7 +84,7 @@ def test_manifest_and_metadata(encoded, sample_inputs):
     assert set(numbers) == {p for s in manifest["shards"] for p in s["parts"]}
     assert sorted(numbers.values()) == list(range(len(numbers))) == list(range(manifest["next_part_number"]))
     meta = store.dataset_metadata(encoded)
-    assert meta["attnpipe.schema_version"] == "1"
+    assert meta["attnpipe.schema_version"] == store.SCHEMA_VERSION == "2"
     assert meta["attnpipe.model"] == "resnet18" and meta["attnpipe.embedding_dim"] == "512"
     assert os.path.isfile(os.path.join(encoded, store.CONFIG_FILE))
     assert not [f for f in os.listdir(os.path.dirname(encoded)) if ".staging-" in f]

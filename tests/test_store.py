@@ -73,9 +73,38 @@ def test_vectors_are_stored_plain_and_everything_else_compressed(tmp_path):
     part = store.open_dataset(out).parts()[0]
     meta = pq.ParquetFile(os.path.join(out, part.file)).metadata.row_group(0)
     columns = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
-    vector = columns["embedding.list.element"]
-    assert vector.compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in vector.encodings
+    vector = columns["embedding"]  # one FIXED_LEN_BYTE_ARRAY per row: no list levels to decode
+    assert vector.physical_type == "FIXED_LEN_BYTE_ARRAY" and vector.compression == "UNCOMPRESSED"
+    assert "RLE_DICTIONARY" not in vector.encodings and not vector.is_stats_set
     assert columns["id"].compression == "ZSTD" and "RLE_DICTIONARY" in columns["id"].encodings
+    table = store.read_part(out, part)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 8)  # readers see the logical schema
+    assert table.schema.field("attention").type == pa.list_(pa.float16(), 1)
+
+
+def test_vector_storage_round_trips_nulls_offsets_and_v1_files(tmp_path):
+    import pyarrow.parquet as pq
+
+    from attnpipe.store.schema import fixed_list, from_storage, schema, to_storage
+
+    sch = schema(8, 6)
+    rng = np.random.default_rng(1)
+    valid = rng.random(50) < 0.7
+    table = pa.table(
+        {
+            "embedding": fixed_list(rng.random((50, 8)).astype(np.float32), valid, sch.field("embedding").type),
+            "attention": fixed_list(rng.random((50, 6)).astype(np.float16), valid, sch.field("attention").type),
+            "n": pa.array(range(50)),
+        }
+    )
+    chunked = pa.concat_tables([table.slice(17, 20), table.slice(0, 17), table.slice(37)])  # chunks with offsets
+    for i, t in enumerate((table, chunked)):
+        pq.write_table(to_storage(t), tmp_path / f"v2-{i}.parquet")
+        back = from_storage(pq.read_table(tmp_path / f"v2-{i}.parquet"))
+        assert back.combine_chunks().equals(t.combine_chunks())
+        assert back.column("embedding").null_count == int((~valid).sum())
+    pq.write_table(table, tmp_path / "v1.parquet")  # schema v1: lists on disk, no tag
+    assert from_storage(pq.read_table(tmp_path / "v1.parquet")).equals(table)
 
 
 def test_iter_parts_reads_ahead_in_order_and_names_a_damaged_part(tmp_path):

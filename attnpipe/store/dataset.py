@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from attnpipe import fs
+from attnpipe.store.schema import from_storage
 
 MANIFEST = "_manifest.json"
 CONFIG_FILE = "_config.yaml"
@@ -200,7 +201,7 @@ def read_part(
     buf = _verified_bytes(path, part, sha256)
     cols = None if columns is None else list(dict.fromkeys([*columns, *(["status"] if ok_only else [])]))
     try:
-        table = pq.read_table(pa.BufferReader(buf), columns=cols)
+        table = from_storage(pq.read_table(pa.BufferReader(buf), columns=cols))
     except (OSError, pa.ArrowInvalid) as exc:
         raise DamagedData(f"part {fs.display(fs.join(path, part.file))} cannot be read as Parquet: {exc}") from None
     if ok_only:
@@ -229,7 +230,8 @@ def iter_parts(
 
 def embedding_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
     """A ``fixed_size_list<float32, D>`` column -> float32 ``(n, D)`` (no copy when contiguous)."""
-    col = table.column(column).combine_chunks()
+    chunks = table.column(column)
+    col = chunks.chunk(0) if chunks.num_chunks == 1 else chunks.combine_chunks()  # combine_chunks copies even one
     dim = col.type.list_size
     return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
 

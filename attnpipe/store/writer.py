@@ -44,7 +44,7 @@ from attnpipe.store.dataset import (
     part_numbers,
     read_manifest,
 )
-from attnpipe.store.schema import SCHEMA_VERSION, fixed_list, schema
+from attnpipe.store.schema import SCHEMA_VERSION, VECTOR_KEY, fixed_list, schema, to_storage
 
 STAGING = "_staging"
 _TOKEN = re.compile(r"^[0-9a-f]{8}$")
@@ -64,19 +64,18 @@ def owned_by(name: str, token: str) -> bool:
 
 
 def parquet_options(schema: pa.Schema) -> dict:
-    """Float vector columns plain and uncompressed, everything else zstd with dictionaries.
+    """Stored vector columns (:func:`~attnpipe.store.schema.to_storage`) plain: no compression, dictionary or
+    statistics; everything else zstd with dictionaries.
 
-    Embeddings barely compress (zstd saves ~7% on them) but decompressing costs half their read time, and a
-    dictionary over floats is always abandoned after it was tried: every index build and evaluation reads them.
+    Embeddings barely compress (zstd saved ~7%) but decompressing them cost as much as reading them, and a dictionary
+    over floats is always abandoned after it was tried: every index build and evaluation reads them.
     """
-
-    def floats(t: pa.DataType) -> bool:
-        return pa.types.is_floating(t.value_type) if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) else False
-
-    vectors = {f.name for f in schema if floats(f.type)}
+    vectors = {f.name for f in schema if VECTOR_KEY in (f.metadata or {})}
+    others = [f.name for f in schema if f.name not in vectors]
     return {
         "compression": {f.name: "none" if f.name in vectors else "zstd" for f in schema},
-        "use_dictionary": [f.name for f in schema if f.name not in vectors],
+        "use_dictionary": others,
+        "write_statistics": others,
     }
 
 
@@ -86,7 +85,8 @@ def write_part(out: str, token: str, shard: str, table: pa.Table) -> dict:
     Runs inside Ray tasks: every argument is a plain value.
     """
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **parquet_options(table.schema))
+    stored = to_storage(table)
+    pq.write_table(stored, sink, **parquet_options(stored.schema))
     buf = sink.getvalue()
     name = part_name(shard, token)
     fs.write_bytes(fs.join(out, name), buf)
@@ -299,7 +299,7 @@ def write_vectors(
     model: str = "synthetic",
     overwrite: bool = False,
 ) -> None:
-    """Publish ready-made vectors as a schema-v1 dataset (one 1x1 attention map each): for tests and benchmarks."""
+    """Publish ready-made vectors as an embeddings dataset (one 1x1 attention map each): for tests and benchmarks."""
     if fs.is_file(fs.join(out, MANIFEST)) and not overwrite:
         raise FileExistsError(f"{fs.display(out)} already exists; pass overwrite=True to replace it")
     n, dim = X.shape
