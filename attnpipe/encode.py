@@ -1,4 +1,4 @@
-"""The encode stage on Ray Data: shards -> read + decode (CPU tasks) -> encoder actor pool -> Parquet schema v1.
+"""The encode stage on Ray Data: shards -> read + decode (CPU tasks) -> encoder actor pool -> Parquet (the embeddings schema).
 
 One row per input image, ok or error. Write tasks put parts straight into ``--out`` under unique names (invisible
 until listed); the driver receives a small record per part as the stream flows, commits each shard once all its
@@ -44,7 +44,7 @@ HOLD_ENV = "ATTNPIPE_TEST_HOLD_AFTER_SHARDS"
 
 
 class EncodeActor:
-    """Ray Data actor: decoded batches (numpy) -> Arrow tables with schema v1; the model is built once per actor."""
+    """Ray Data actor: decoded batches (numpy) -> Arrow tables of the embeddings schema; the model is built once per actor."""
 
     def __init__(self, config: dict):
         from attnpipe.data.gpu_decode import TorchDecoder, resolve_decode

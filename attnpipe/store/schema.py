@@ -18,7 +18,7 @@ VECTOR_KEY = b"attnpipe.vector"  # field metadata of a stored vector column: b"<
 
 
 def schema(dim: int, positions: int, metadata: dict[str, object] | None = None) -> pa.Schema:
-    """Parquet schema v1 (see README): one row per input image, ok or not."""
+    """The logical schema (see README): one row per input image, ok or not."""
     fields = [
         ("id", pa.string()),
         ("shard", pa.string()),
