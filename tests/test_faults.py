@@ -161,11 +161,14 @@ def test_encoder_actor_killed_mid_batch(ray_session, s3_server) -> None:
     assert_exact(out, ids)
 
 
-def test_s3_server_restart_mid_write(ray_session, s3_server) -> None:
+def test_s3_server_restart_mid_write(ray_session, s3_server, monkeypatch) -> None:
     bucket = s3_server.make_bucket("fault-s3")
     data, out = f"{bucket}/data", f"{bucket}/emb"
     ids = sample_to(data, n=192, shards=12)
     cfg = fast_config("encode.rows_per_file=8")
+    # The driver pauses 5 s after its first commit, so the restart starts before the publish on any machine; the
+    # rest of the run (commits, the manifest, writes still in flight) meets the server down or coming back.
+    monkeypatch.setenv(HOLD_ENV, "1:5")
     run = _Background([data], out, cfg)
     run.start()
     _wait_for(lambda: committed_shards(out) or not run.is_alive(), 180, "a shard commit record")
@@ -178,6 +181,7 @@ def test_s3_server_restart_mid_write(ray_session, s3_server) -> None:
         assert not _published(out), repr(run.error)
         from attnpipe.encode import encode
 
+        monkeypatch.delenv(HOLD_ENV)
         summary = encode([data], out, cfg)
         assert summary["resumed_shards"] >= 1, summary
         print(f"S3 restart: the run failed ({type(run.error).__name__}); the rerun resumed {summary['resumed_shards']}")

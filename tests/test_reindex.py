@@ -17,6 +17,7 @@ from attnpipe import store
 from attnpipe.cli import main
 from attnpipe.config import ConfigError
 from attnpipe.data.sample import make_sample
+from attnpipe.encode import HOLD_ENV
 from attnpipe.index.layout import current_version, versions
 from attnpipe.index.search import SearchIndex
 from attnpipe.lock import LockHeld, exclusive, read_owner
@@ -116,7 +117,7 @@ def test_sigkill_mid_encode_keeps_live_version_and_lock_refuses_a_second_run(ray
     data, emb, root = small
     assert main(_cli(data, emb, root)) == 0
     _change(data)
-    proc = _spawn(_cli(data, emb, root))
+    proc = _spawn(_cli(data, emb, root), **{HOLD_ENV: "1"})  # it pauses after its first shard commit: mid-encode
     seen = []
     for line in proc.stderr:
         seen.append(line)
