@@ -217,15 +217,18 @@ def iter_parts(
 ) -> Iterator[tuple[Part, pa.Table]]:
     """``(part, table)`` for each part in order, like :func:`read_part`; the next part is read in a thread while
     the caller works on this one (reading and checksumming release the GIL), so at most two are in memory."""
+    parts = list(parts)
     with ThreadPoolExecutor(1, thread_name_prefix="attnpipe-read") as pool:
-        ahead: tuple[Part, Future[pa.Table]] | None = None
-        for part in parts:
-            nxt = (part, pool.submit(read_part, path, part, columns, ok_only, sha256))
-            if ahead is not None:
-                yield ahead[0], ahead[1].result()
-            ahead = nxt
-        if ahead is not None:
-            yield ahead[0], ahead[1].result()
+
+        def read(part: Part) -> Future[pa.Table]:
+            return pool.submit(read_part, path, part, columns, ok_only, sha256)
+
+        ahead = read(parts[0]) if parts else None
+        for i, part in enumerate(parts):
+            assert ahead is not None
+            table = ahead.result()
+            ahead = read(parts[i + 1]) if i + 1 < len(parts) else None
+            yield part, table
 
 
 def embedding_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
